@@ -1,0 +1,19 @@
+"""Redis inside esb: client factory, key names, dispatch stream, heartbeats."""
+
+from esb.bus.client import make_blocking_reader, make_redis
+from esb.bus.dispatch import DispatchMessage, enqueue, ensure_group, new_msg_id
+from esb.bus.heartbeat import Heartbeat, parse_iso, utc_now_iso
+from esb.bus.keys import Keys
+
+__all__ = [
+    "DispatchMessage",
+    "Heartbeat",
+    "Keys",
+    "enqueue",
+    "ensure_group",
+    "make_blocking_reader",
+    "make_redis",
+    "new_msg_id",
+    "parse_iso",
+    "utc_now_iso",
+]

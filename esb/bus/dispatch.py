@@ -1,0 +1,118 @@
+"""The dispatch stream: asynchronous invocations and scheduler firings, at least once.
+
+Producers append a message to one Redis stream; every worker of the cluster reads it
+through one consumer group. A worker that takes a message keeps it fresh while the
+service runs (XCLAIM JUSTID resets its idle time); a message whose worker went silent
+for ``reclaim_idle_s`` is taken over by another worker with XAUTOCLAIM. A finished
+message id is remembered for ``done_ttl_s``, so a redelivery of a message that did
+finish is acknowledged without running again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError, ResponseError
+
+from esb.bus.keys import Keys
+from esb.errors import BusUnavailable
+
+
+@dataclass(frozen=True)
+class DispatchMessage:
+    """One unit of work on the stream."""
+
+    msg_id: str
+    service: str
+    payload: Any
+    cid: str
+    job: dict | None = None
+    enqueued_at: float = 0.0
+
+    def to_fields(self) -> dict[str, str]:
+        fields = {
+            "id": self.msg_id,
+            "service": self.service,
+            "payload": json.dumps(self.payload),
+            "cid": self.cid,
+            "enqueued_at": repr(self.enqueued_at or time.time()),
+        }
+        if self.job is not None:
+            fields["job"] = json.dumps(self.job)
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> DispatchMessage:
+        job = fields.get("job")
+        return cls(
+            msg_id=fields["id"],
+            service=fields["service"],
+            payload=json.loads(fields.get("payload") or "{}"),
+            cid=fields.get("cid") or fields["id"],
+            job=json.loads(job) if job else None,
+            enqueued_at=float(fields.get("enqueued_at") or 0.0),
+        )
+
+
+def new_msg_id() -> str:
+    return uuid.uuid4().hex
+
+
+def enqueue(
+    client: redis.Redis,
+    keys: Keys,
+    service: str,
+    payload: Any,
+    *,
+    cid: str | None = None,
+    msg_id: str | None = None,
+    job: dict | None = None,
+) -> str:
+    """Append one message to the dispatch stream and return its id.
+
+    Raises BusUnavailable when Redis cannot take it (the caller decides whether to retry).
+    """
+    msg_id = msg_id or new_msg_id()
+    message = DispatchMessage(
+        msg_id=msg_id,
+        service=service,
+        payload=payload,
+        cid=cid or msg_id,
+        job=job,
+        enqueued_at=time.time(),
+    )
+    try:
+        client.xadd(keys.dispatch, message.to_fields())
+    except RedisError as exc:
+        raise BusUnavailable(f"cannot enqueue {service}: {exc}") from exc
+    return msg_id
+
+
+def ensure_group(client: redis.Redis, keys: Keys) -> None:
+    """Create the stream and its consumer group if they do not exist yet."""
+    try:
+        client.xgroup_create(keys.dispatch, keys.dispatch_group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def is_done(client: redis.Redis, keys: Keys, msg_id: str) -> bool:
+    return bool(client.exists(keys.done(msg_id)))
+
+
+def finish(client: redis.Redis, keys: Keys, entry_id: str, msg_id: str, done_ttl_s: int) -> None:
+    """Remember the message as done, then acknowledge and delete its entry in one round trip.
+
+    Deleting acknowledged entries keeps the stream holding only unfinished work.
+    """
+    pipe = client.pipeline(transaction=True)
+    pipe.set(keys.done(msg_id), "1", ex=done_ttl_s)
+    pipe.xack(keys.dispatch, keys.dispatch_group, entry_id)
+    pipe.xdel(keys.dispatch, entry_id)
+    pipe.execute()

@@ -1,0 +1,81 @@
+"""Heartbeats: a hash per live component, refreshed on an interval, expiring when it stops."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+from redis.exceptions import RedisError
+
+logger = logging.getLogger(__name__)
+
+
+def utc_now_iso() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+class Heartbeat:
+    """Writes ``fields() | {last_heartbeat}`` to KEY every ``interval_s``; the key expires after
+    ``ttl_s`` so a component killed with -9 disappears by itself.
+
+    ``run_forever`` is a plain loop: run it in a greenlet in a gevent worker, in a thread
+    elsewhere. A Redis outage is logged once and retried; it never stops the loop.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        key: str,
+        fields: Callable[[], dict[str, str]],
+        *,
+        interval_s: float,
+        ttl_s: float,
+    ):
+        self.client = client
+        self.key = key
+        self.fields = fields
+        self.interval_s = interval_s
+        self.ttl_ms = int(ttl_s * 1000)
+        self._stopped = threading.Event()
+        self._failing = False
+
+    def beat(self) -> None:
+        values = self.fields() | {"last_heartbeat": utc_now_iso()}
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.key, mapping=values)
+        pipe.pexpire(self.key, self.ttl_ms)
+        pipe.execute()
+
+    def run_forever(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self.beat()
+                if self._failing:
+                    logger.info("heartbeat %s: Redis is back", self.key)
+                    self._failing = False
+            except RedisError as exc:
+                if not self._failing:
+                    logger.warning("heartbeat %s: Redis unavailable (%s); retrying", self.key, exc)
+                    self._failing = True
+            # Sleep in small steps so stop() is prompt (time.sleep is gevent's in a worker).
+            deadline = time.monotonic() + self.interval_s
+            while not self._stopped.is_set() and time.monotonic() < deadline:
+                time.sleep(min(0.2, self.interval_s))
+
+    def stop(self) -> None:
+        """Stop beating and remove the key, so status drops this component at once."""
+        self._stopped.set()
+        try:
+            self.client.delete(self.key)
+        except RedisError:
+            logger.debug("heartbeat %s: could not delete key on stop; it will expire", self.key)

@@ -1,0 +1,54 @@
+"""Every Redis key and channel esb uses, built in one place under one prefix per cluster."""
+
+from __future__ import annotations
+
+
+class Keys:
+    """Key names for one cluster: ``esb:<cluster>:...``. Tests pick a unique cluster name."""
+
+    def __init__(self, cluster: str):
+        self.prefix = f"esb:{cluster}:"
+        # The stream every worker consumes: invoke_async messages and scheduler firings.
+        self.dispatch = self.prefix + "dispatch"
+        self.dispatch_group = "workers"
+        # Pub/sub channel announcing a new ODB generation (hot deploy, definitions).
+        self.deploy_channel = self.prefix + "deploy"
+        self.scheduler_lease = self.prefix + "lease:scheduler"
+        # Manual "run this job now" requests for the active scheduler.
+        self.scheduler_commands = self.prefix + "scheduler:commands"
+
+    def done(self, msg_id: str) -> str:
+        """Marks a dispatched message id as finished, to de-duplicate redeliveries."""
+        return f"{self.prefix}done:{msg_id}"
+
+    def worker_heartbeat(self, host: str, pid: int) -> str:
+        return f"{self.prefix}hb:worker:{host}:{pid}"
+
+    @property
+    def worker_heartbeat_pattern(self) -> str:
+        return f"{self.prefix}hb:worker:*"
+
+    def scheduler_heartbeat(self, host: str, pid: int) -> str:
+        return f"{self.prefix}hb:scheduler:{host}:{pid}"
+
+    @property
+    def scheduler_heartbeat_pattern(self) -> str:
+        return f"{self.prefix}hb:scheduler:*"
+
+    def job_state(self, job: str) -> str:
+        """Hash of a job's run record: runs, missed, last_run, last_duration_s, last_error..."""
+        return f"{self.prefix}job:{job}"
+
+    def job_inflight(self, job: str) -> str:
+        """The firing id of a job's run in progress; absent when none runs."""
+        return f"{self.prefix}job:{job}:inflight"
+
+    @property
+    def job_state_pattern(self) -> str:
+        return f"{self.prefix}job:*"
+
+    def notify_lease(self, name: str) -> str:
+        return f"{self.prefix}lease:notify:{name}"
+
+    def notify_state(self, name: str) -> str:
+        return f"{self.prefix}notify:{name}"

@@ -1,0 +1,1 @@
+"""The command line: `esb quickstart|start|stop|status|deploy|invoke|check-config`."""

@@ -1,0 +1,3 @@
+from esb.cli.main import main
+
+main()

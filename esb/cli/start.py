@@ -1,0 +1,80 @@
+"""`esb start DIR [--fg]`: run the server; in the background, return once it answers."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+from esb.cli.common import FAILURE, OK, load_or_exit, ping
+from esb.launcher import ROLES, Launcher, StartError, running_launcher_pid
+from esb.observe import setup_logging
+
+START_TIMEOUT_S = 90
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("start", help="start the server")
+    p.add_argument("directory")
+    p.add_argument("--fg", action="store_true", help="stay in the foreground")
+    p.add_argument("--only", choices=ROLES, help="run only this part (e.g. a scheduler host)")
+    p.add_argument("--no-scheduler", action="store_true", help="run no scheduler here")
+    p.set_defaults(handler=run)
+
+
+def roles_of(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.only:
+        return (args.only,)
+    return tuple(r for r in ROLES if not (r == "scheduler" and args.no_scheduler))
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_or_exit(args.directory)
+    if args.fg:
+        setup_logging(None, level=config.logging.level, as_json=config.logging.json)
+        try:
+            return Launcher(config, roles_of(args)).run()
+        except StartError as exc:
+            print(f"esb: {exc}", file=sys.stderr)
+            return FAILURE
+    pid = running_launcher_pid(config)
+    if pid is not None:
+        print(f"esb: already running in {config.directory} (pid {pid})", file=sys.stderr)
+        return FAILURE
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    launcher_log = config.log_dir / "launcher.log"
+    argv = [sys.executable, "-m", "esb.cli", "start", str(config.directory), "--fg"]
+    if args.only:
+        argv += ["--only", args.only]
+    if args.no_scheduler:
+        argv.append("--no-scheduler")
+    with open(launcher_log, "ab") as log:
+        offset = log.tell()
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    needs_http = "server" in roles_of(args)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"esb: the server did not start:\n{_tail(launcher_log, offset)}", file=sys.stderr)
+            return FAILURE
+        if (needs_http and ping(config, timeout_s=1.0)) or (
+            not needs_http and time.monotonic() > deadline - START_TIMEOUT_S + 2
+        ):
+            print(f"esb: started {config.directory} (pid {proc.pid})")
+            return OK
+        time.sleep(0.2)
+    print(
+        f"esb: no answer from /esb/ping within {START_TIMEOUT_S} s; see {launcher_log} and server.log",
+        file=sys.stderr,
+    )
+    return FAILURE
+
+
+def _tail(path, offset: int, lines: int = 15) -> str:
+    with open(path, "rb") as log:
+        log.seek(offset)
+        text = log.read().decode("utf-8", "replace")
+    return "\n".join(text.strip().splitlines()[-lines:]) or f"(nothing logged; see {path})"

@@ -1,0 +1,73 @@
+"""`esb status DIR [--json]`: every component's health; exit 0 only when all are healthy."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from esb.bus import Keys, make_redis
+from esb.cli.common import FAILURE, OK, load_or_exit, print_json
+from esb.config import Definitions, merge_units
+from esb.errors import ConfigError, OdbUnavailable
+from esb.observe import collect_status
+from esb.odb import UNIT, OdbStore
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("status", help="show every component's health")
+    p.add_argument("directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=run)
+
+
+def load_definitions(odb: OdbStore) -> Definitions:
+    return merge_units([(u.name, u.content) for u in odb.current(UNIT)], environ=None)
+
+
+def render_text(status: dict[str, Any]) -> str:
+    def mark(ok: bool) -> str:
+        return "ok   " if ok else "FAIL "
+
+    lines = [f"{'healthy' if status['healthy'] else 'UNHEALTHY'}"]
+    lines += [f"  problem: {p}" for p in status.get("problems", [])]
+    for worker in status["workers"]:
+        lines.append(
+            f"{mark(worker['alive'])}worker {worker['host']}:{worker['pid']} "
+            f"last heartbeat {worker['last_heartbeat']}"
+        )
+    scheduler = status.get("scheduler") or {}
+    for inst in scheduler.get("instances", []):
+        role = "active" if inst["active"] else "standby"
+        lines.append(
+            f"{mark(inst['alive'])}scheduler {inst['host']}:{inst['pid']} {role} "
+            f"last heartbeat {inst['last_heartbeat']}"
+        )
+    for job in scheduler.get("jobs", []):
+        lines.append(
+            f"{mark(not job['stale'] and not job['last_error'])}job {job['name']}: "
+            f"runs {job['runs']}, missed {job['missed']}, last {job['last_run']}, "
+            f"next {job['next_run']}" + (f", error {job['last_error']}" if job["last_error"] else "")
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_or_exit(args.directory)
+    odb = OdbStore(config.odb_url)
+    try:
+        definitions = load_definitions(odb)
+    except (OdbUnavailable, ConfigError) as exc:
+        definitions = Definitions(objects={}, unit_of={})
+        odb_problem = f"ODB: {exc}"
+    else:
+        odb_problem = None
+    client = make_redis(config.redis_url, socket_timeout_s=3.0, retries=1)
+    status = collect_status(client, Keys(config.main.cluster), config, definitions)
+    if odb_problem:
+        status["healthy"] = False
+        status.setdefault("problems", []).append(odb_problem)
+    if args.json:
+        print_json(status)
+    else:
+        print(render_text(status))
+    return OK if status["healthy"] else FAILURE

@@ -1,0 +1,31 @@
+"""Configuration: server.conf and TOML object definitions, read into frozen typed objects."""
+
+from esb.config.definitions import (
+    AmqpOutconnDef,
+    ApiKeyDef,
+    BasicAuthDef,
+    Definitions,
+    HttpChannelDef,
+    JobDef,
+    SqlNotificationDef,
+    SqlOutconnDef,
+    merge_units,
+    parse_unit,
+)
+from esb.config.server_conf import ServerConfig, load_server_config, render_example
+
+__all__ = [
+    "AmqpOutconnDef",
+    "ApiKeyDef",
+    "BasicAuthDef",
+    "Definitions",
+    "HttpChannelDef",
+    "JobDef",
+    "ServerConfig",
+    "SqlNotificationDef",
+    "SqlOutconnDef",
+    "load_server_config",
+    "merge_units",
+    "parse_unit",
+    "render_example",
+]

@@ -1,0 +1,367 @@
+"""Object definitions: TOML units parsed into frozen *Def objects, validated all or nothing.
+
+A unit is one TOML file, named after the file; deploying it again replaces exactly the
+objects it defined. Errors name the file, the key (``channel.http[0].path``) and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from esb.errors import ConfigError
+
+_ENV_REF = re.compile(r"\$ENV\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_TOML_POSITION = re.compile(r"at line (\d+)")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_CID_SAFE_PATH = re.compile(r"^/[A-Za-z0-9_.~\-/{}]*$")
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+
+
+@dataclass(frozen=True)
+class HttpChannelDef:
+    name: str
+    path: str
+    service: str
+    security: str | None = None
+    data_format: str = "json"
+    methods: tuple[str, ...] = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+@dataclass(frozen=True)
+class BasicAuthDef:
+    name: str
+    username: str
+    password: str
+    realm: str = "esb"
+
+
+@dataclass(frozen=True)
+class ApiKeyDef:
+    name: str
+    header: str
+    value: str
+
+
+@dataclass(frozen=True)
+class JobDef:
+    name: str
+    service: str
+    type: str
+    weeks: float = 0
+    days: float = 0
+    hours: float = 0
+    minutes: float = 0
+    seconds: float = 0
+    cron: str | None = None
+    timezone: str = "UTC"
+    start_date: str | None = None
+    end_date: str | None = None
+    repeats: int | None = None
+    payload: dict = field(default_factory=dict)
+    misfire_grace_s: int | None = None
+    coalesce: bool = True
+    on_overlap: str = "skip"
+    paused: bool = False
+
+    @property
+    def interval_s(self) -> float:
+        return self.weeks * 604800 + self.days * 86400 + self.hours * 3600 + self.minutes * 60 + self.seconds
+
+
+@dataclass(frozen=True)
+class SqlOutconnDef:
+    name: str
+    url: str
+    pool_size: int = 5
+    max_overflow: int = 0
+    pool_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class SqlNotificationDef:
+    name: str
+    outconn: str
+    query: str
+    service: str
+    interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class AmqpOutconnDef:
+    name: str
+    url: str
+    exchange: str = ""
+    routing_key: str = ""
+    pool_size: int = 10
+    confirm_publish: bool = True
+    acquire_timeout_s: float = 10.0
+
+
+# Kind as written in TOML ("channel.http") -> the Def class it builds.
+KINDS: dict[str, type] = {
+    "channel.http": HttpChannelDef,
+    "security.basic_auth": BasicAuthDef,
+    "security.api_key": ApiKeyDef,
+    "scheduler.job": JobDef,
+    "outconn.sql": SqlOutconnDef,
+    "notification.sql": SqlNotificationDef,
+    "outconn.amqp": AmqpOutconnDef,
+}
+
+
+@dataclass(frozen=True)
+class Definitions:
+    """Every object of every unit, by kind and name, with the unit that defined each."""
+
+    objects: Mapping[str, Mapping[str, Any]]
+    unit_of: Mapping[tuple[str, str], str]
+
+    def of(self, kind: str) -> Mapping[str, Any]:
+        return self.objects.get(kind, {})
+
+    @property
+    def channels(self) -> Mapping[str, HttpChannelDef]:
+        return self.of("channel.http")
+
+    @property
+    def jobs(self) -> Mapping[str, JobDef]:
+        return self.of("scheduler.job")
+
+
+def resolve_env(text: str, file: str, key: str, environ: Mapping[str, str]) -> str:
+    def lookup(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ConfigError(file, key, f"environment variable {name} is not set")
+        return environ[name]
+
+    return _ENV_REF.sub(lookup, text)
+
+
+def parse_unit(file: str, text: str, *, environ: Mapping[str, str] | None = None) -> dict[str, list[Any]]:
+    """Parse one TOML unit into {kind: [Def, ...]}; raises ConfigError with file, key, reason.
+
+    With ``environ`` None, ``$ENV{...}`` references are checked for form but left unresolved
+    (a deploying client may not share the server's environment).
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        where = _TOML_POSITION.search(str(exc))
+        line = int(where.group(1)) if where else None
+        raise ConfigError(file, None, f"invalid TOML: {exc}", line=line) from None
+
+    result: dict[str, list[Any]] = {}
+    for group, kinds in data.items():
+        if not isinstance(kinds, dict):
+            raise ConfigError(file, group, "unknown object kind")
+        for kind_name, tables in kinds.items():
+            kind = f"{group}.{kind_name}"
+            if kind not in KINDS:
+                known = ", ".join(KINDS)
+                raise ConfigError(file, kind, f"unknown object kind (known: {known})")
+            if not isinstance(tables, list):
+                raise ConfigError(file, kind, f"must be an array of tables: [[{kind}]]")
+            for index, table in enumerate(tables):
+                where = f"{kind}[{index}]"
+                result.setdefault(kind, []).append(_build(KINDS[kind], table, file, where, environ))
+    for kind, defs in result.items():
+        seen: set[str] = set()
+        for index, obj in enumerate(defs):
+            if obj.name in seen:
+                raise ConfigError(file, f"{kind}[{index}].name", f"{obj.name!r} is defined twice")
+            seen.add(obj.name)
+    return result
+
+
+def _check_type(value: Any, annotation: str) -> Any:
+    """Return the value converted to the annotated type, or raise TypeError."""
+    optional = annotation.endswith(" | None")
+    base = annotation.removesuffix(" | None")
+    if value is None and optional:
+        return None
+    if base == "str" and isinstance(value, str):
+        return value
+    if base == "bool" and isinstance(value, bool):
+        return value
+    if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if base == "dict" and isinstance(value, dict):
+        return value
+    if base == "tuple[str, ...]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    expected = {"tuple[str, ...]": "array of strings", "dict": "table"}.get(base, base)
+    raise TypeError(f"expected {expected}, got {type(value).__name__}")
+
+
+def _build(cls: type, table: Any, file: str, where: str, environ: Mapping[str, str] | None) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(file, where, "must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            raise ConfigError(file, f"{where}.{key}", "unknown key")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}"
+        if name not in table:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(file, key, "is required")
+            continue
+        value = table[name]
+        if isinstance(value, str):
+            value = _resolve_or_check(value, file, key, environ)
+        try:
+            kwargs[name] = _check_type(value, str(f.type))
+        except TypeError as exc:
+            raise ConfigError(file, key, str(exc)) from None
+    obj = cls(**kwargs)
+    _CHECKS.get(cls, _no_check)(obj, file, where)
+    return obj
+
+
+def _resolve_or_check(value: str, file: str, key: str, environ: Mapping[str, str] | None) -> str:
+    if environ is not None:
+        return resolve_env(value, file, key, environ)
+    if "$ENV{" in _ENV_REF.sub("", value):
+        raise ConfigError(file, key, "malformed $ENV{NAME} reference")
+    return value
+
+
+def _no_check(obj: Any, file: str, where: str) -> None:
+    return None
+
+
+def _need(ok: bool, file: str, key: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(file, key, reason)
+
+
+def _check_name(obj: Any, file: str, where: str) -> None:
+    _need(bool(_NAME.match(obj.name)), file, f"{where}.name", "must be letters, digits, '.', '_' or '-'")
+
+
+def _check_channel(obj: HttpChannelDef, file: str, where: str) -> None:
+    _check_name(obj, file, where)
+    _need(
+        bool(_CID_SAFE_PATH.match(obj.path)),
+        file,
+        f"{where}.path",
+        "must start with '/' and hold only URL-safe characters",
+    )
+    _need(
+        not obj.path.startswith("/esb/") and obj.path not in ("/esb", "/metrics"),
+        file,
+        f"{where}.path",
+        "/esb/ and /metrics belong to the server itself",
+    )
+    _need(obj.data_format in ("json", "raw"), file, f"{where}.data_format", "must be json or raw")
+    for method in obj.methods:
+        _need(method in HTTP_METHODS, file, f"{where}.methods", f"unknown method {method!r}")
+
+
+def _check_job(obj: JobDef, file: str, where: str) -> None:
+    _check_name(obj, file, where)
+    _need(
+        obj.type in ("one_time", "interval", "cron"),
+        file,
+        f"{where}.type",
+        "must be one_time, interval or cron",
+    )
+    if obj.type == "interval":
+        _need(
+            obj.interval_s > 0,
+            file,
+            f"{where}.seconds",
+            "an interval job needs weeks, days, hours, minutes or seconds",
+        )
+    if obj.type == "cron":
+        _need(
+            bool(obj.cron) and len(obj.cron.split()) == 5,
+            file,
+            f"{where}.cron",
+            "a cron job needs a five-field crontab expression",
+        )
+    if obj.type == "one_time":
+        _need(obj.start_date is not None, file, f"{where}.start_date", "a one_time job needs start_date")
+    if obj.repeats is not None:
+        _need(obj.repeats >= 1, file, f"{where}.repeats", "must be at least 1")
+    _need(obj.on_overlap in ("skip", "wait"), file, f"{where}.on_overlap", "must be skip or wait")
+    if obj.misfire_grace_s is not None:
+        _need(obj.misfire_grace_s >= 0, file, f"{where}.misfire_grace_s", "must not be negative")
+
+
+def _check_positive(attr: str) -> Any:
+    def check(obj: Any, file: str, where: str) -> None:
+        _check_name(obj, file, where)
+        _need(getattr(obj, attr) > 0, file, f"{where}.{attr}", "must be positive")
+
+    return check
+
+
+_CHECKS = {
+    HttpChannelDef: _check_channel,
+    BasicAuthDef: _check_name,
+    ApiKeyDef: _check_name,
+    JobDef: _check_job,
+    SqlOutconnDef: _check_positive("pool_size"),
+    SqlNotificationDef: _check_positive("interval"),
+    AmqpOutconnDef: _check_positive("pool_size"),
+}
+
+
+def merge_units(
+    units: Iterable[tuple[str, str]], *, environ: Mapping[str, str] | None = os.environ
+) -> Definitions:
+    """Parse and validate every (unit name, TOML text) together: all or nothing.
+
+    Names are unique per kind across units; references (security, outconn) must resolve;
+    channel paths must be unique.
+    """
+    objects: dict[str, dict[str, Any]] = {}
+    unit_of: dict[tuple[str, str], str] = {}
+    for unit, text in units:
+        for kind, defs in parse_unit(unit, text, environ=environ).items():
+            for obj in defs:
+                other = unit_of.get((kind, obj.name))
+                if other is not None:
+                    raise ConfigError(unit, f"{kind}.{obj.name}", f"already defined by {other}")
+                objects.setdefault(kind, {})[obj.name] = obj
+                unit_of[(kind, obj.name)] = unit
+    definitions = Definitions(objects=objects, unit_of=unit_of)
+    _check_references(definitions)
+    return definitions
+
+
+def _check_references(defs: Definitions) -> None:
+    security = set(defs.of("security.basic_auth")) | set(defs.of("security.api_key"))
+    paths: dict[str, str] = {}
+    for channel in defs.channels.values():
+        unit = defs.unit_of[("channel.http", channel.name)]
+        if channel.security is not None and channel.security not in security:
+            raise ConfigError(
+                unit,
+                f"channel.http.{channel.name}.security",
+                f"no security definition named {channel.security!r}",
+            )
+        if channel.path in paths:
+            raise ConfigError(
+                unit,
+                f"channel.http.{channel.name}.path",
+                f"path {channel.path} is already used by channel {paths[channel.path]}",
+            )
+        paths[channel.path] = channel.name
+    for note in defs.of("notification.sql").values():
+        if note.outconn not in defs.of("outconn.sql"):
+            unit = defs.unit_of[("notification.sql", note.name)]
+            raise ConfigError(
+                unit, f"notification.sql.{note.name}.outconn", f"no outconn.sql named {note.outconn!r}"
+            )

@@ -1,0 +1,225 @@
+"""`esb start`: the launcher that runs and supervises every process of one server.
+
+It starts the embedded Redis (when configured), prepares the ODB, then runs the arbiter,
+the scheduler and the pickup watcher as children. Signal handlers only record the
+signal; the loop acts on it. A scheduler, pickup watcher or embedded Redis that dies is
+started again within a second; the arbiter replaces its own workers, and its own death
+stops the server with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import redis
+from redis.exceptions import RedisError
+
+from esb.bus import Keys, make_redis
+from esb.config import ServerConfig
+from esb.deploy import Deployer
+from esb.errors import ConfigError, DeployError, EsbError
+from esb.launcher.children import Child, embedded_redis, pid_is_running, python_child
+from esb.odb import OdbStore
+
+logger = logging.getLogger(__name__)
+
+LOOP_S = 0.2
+RESTART_DELAY_S = 0.5
+# An arbiter that dies this soon after starting has a problem a restart will not fix.
+ARBITER_MIN_LIFE_S = 10.0
+GUNICORN_HALT_CODES = {3: "a worker failed to boot", 4: "the application failed to load"}
+ROLES = ("server", "scheduler", "pickup")
+
+
+class StartError(EsbError):
+    """The server could not be started; the message says why."""
+
+
+def pid_file(config: ServerConfig) -> Path:
+    return config.run_dir / "esb.pid"
+
+
+def children_file(config: ServerConfig) -> Path:
+    return config.run_dir / "children.json"
+
+
+def running_launcher_pid(config: ServerConfig) -> int | None:
+    try:
+        pid = int(pid_file(config).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_is_running(pid) else None
+
+
+class Launcher:
+    def __init__(self, config: ServerConfig, roles: tuple[str, ...] = ROLES):
+        self.config = config
+        self.roles = roles
+        self.children: list[Child] = []
+        self.redis_child: Child | None = None
+        self._signals: list[int] = []
+        self._exit_code = 0
+
+    # -- signals: record only --------------------------------------------------------
+
+    def _record_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)
+
+    def install_signals(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._record_signal)
+
+    # -- start -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start everything, supervise until told to stop, stop everything; the exit code."""
+        config = self.config
+        if running_launcher_pid(config) is not None:
+            raise StartError(
+                f"a server is already running in {config.directory} "
+                f"(pid {running_launcher_pid(config)}); 'esb stop' it first"
+            )
+        for directory in (config.run_dir, config.log_dir, config.pickup_dir, config.config_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        pid_file(config).write_text(str(os.getpid()))
+        self.install_signals()
+        try:
+            self.start_all()
+            self.supervise()
+        except StartError as exc:
+            logger.critical("esb start failed: %s", exc)
+            self._exit_code = 1
+        finally:
+            self.stop_all()
+            pid_file(config).unlink(missing_ok=True)
+            children_file(config).unlink(missing_ok=True)
+        return self._exit_code
+
+    def start_all(self) -> None:
+        config = self.config
+        if config.is_redis_embedded:
+            self.redis_child = embedded_redis(config)
+            config.embedded_redis_socket.unlink(missing_ok=True)
+            self.redis_child.start()
+            self._record_children()
+            self.wait_for_redis()
+        self.prepare_odb()
+        if "server" in self.roles:
+            self.children.append(python_child("arbiter", "esb.server", config, is_essential=True))
+        if "scheduler" in self.roles and config.scheduler.enabled:
+            self.children.append(python_child("scheduler", "esb.scheduler", config))
+        if "pickup" in self.roles:
+            self.children.append(python_child("pickup", "esb.deploy.pickup", config))
+        for child in self.children:
+            child.start()
+            logger.info("started %s (pid %d)", child.name, child.pid)
+        self._record_children()
+
+    def wait_for_redis(self, timeout_s: float = 15.0) -> None:
+        client = redis.Redis(
+            unix_socket_path=str(self.config.embedded_redis_socket),
+            socket_timeout=1,
+            socket_connect_timeout=1,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.redis_child and self.redis_child.poll() is not None:
+                raise StartError(f"embedded Redis exited; see {self.redis_child.log_file}")
+            try:
+                client.ping()
+                client.close()
+                return
+            except RedisError:
+                time.sleep(0.05)
+        raise StartError(f"embedded Redis did not answer within {timeout_s:.0f} s")
+
+    def prepare_odb(self) -> None:
+        """Create the ODB schema and deploy config/*.toml, so workers find them there."""
+        odb = OdbStore(self.config.odb_url)
+        client = make_redis(self.config.redis_url, retries=1)
+        try:
+            odb.create_schema()
+            deployer = Deployer(odb, client, Keys(self.config.main.cluster))
+            for path in sorted(self.config.config_dir.glob("*.toml")):
+                outcome = deployer.deploy_unit_text(path.name, path.read_text(encoding="utf-8"))
+                if outcome is not None:
+                    logger.info("config: %s", outcome)
+        except (ConfigError, DeployError) as exc:
+            raise StartError(f"invalid object definitions: {exc}") from exc
+        except EsbError as exc:
+            raise StartError(str(exc)) from exc
+        finally:
+            odb.dispose()
+            client.close()
+
+    # -- supervise -------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        while True:
+            if self._signals:
+                signum = self._signals.pop(0)
+                logger.info("received %s; stopping", signal.Signals(signum).name)
+                return
+            for child in self._supervised():
+                code = child.poll()
+                if code is None:
+                    continue
+                if child.is_essential:
+                    self._handle_essential_exit(child, code)
+                    return
+                logger.error("%s (pid %d) exited with %s; starting it again", child.name, child.pid, code)
+                time.sleep(RESTART_DELAY_S)
+                child.start()
+                child.restarts.append(time.monotonic())
+                self._record_children()
+                logger.info("restarted %s (pid %d)", child.name, child.pid)
+            time.sleep(LOOP_S)
+
+    def _supervised(self) -> list[Child]:
+        return ([self.redis_child] if self.redis_child else []) + self.children
+
+    def _handle_essential_exit(self, child: Child, code: int) -> None:
+        reason = GUNICORN_HALT_CODES.get(code)
+        lived_s = time.monotonic() - child.started_at
+        if reason is None and lived_s < ARBITER_MIN_LIFE_S:
+            reason = f"it exited with {code} after {lived_s:.1f} s (port in use? see server.log)"
+        logger.critical(
+            "the arbiter (pid %d) stopped: %s; stopping the server", child.pid, reason or f"exit code {code}"
+        )
+        self._exit_code = 1
+
+    def _record_children(self) -> None:
+        pids = {child.name: child.pid for child in self._supervised() if child.pid}
+        children_file(self.config).write_text(json.dumps(pids))
+
+    # -- stop ------------------------------------------------------------------------
+
+    def stop_all(self) -> None:
+        """Stop in reverse order of need: pickup and scheduler, then the arbiter (graceful),
+        then Redis, which the others use until they are gone."""
+        grace_s = self.config.main.graceful_timeout + 5
+        self._stop_group([c for c in self.children if c.name != "arbiter"], 10)
+        self._stop_group([c for c in self.children if c.name == "arbiter"], grace_s)
+        if self.redis_child:
+            self._stop_group([self.redis_child], 10)
+        logger.info("all processes of %s stopped", socket.gethostname())
+
+    def _stop_group(self, children: list[Child], timeout_s: float) -> None:
+        for child in children:
+            child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for child in children:
+            while child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if child.poll() is None:
+                logger.warning(
+                    "%s (pid %d) ignored SIGTERM for %.0f s; killing it", child.name, child.pid, timeout_s
+                )
+                child.signal(signal.SIGKILL)
+                child.proc.wait()

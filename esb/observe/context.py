@@ -1,0 +1,74 @@
+"""Who is running what, right now: the cid and service of each call, per greenlet.
+
+The logging filter reads it to stamp log lines; the loop-block monitor and the
+WORKER TIMEOUT hook read it to name the service that holds the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import greenlet
+
+current_cid: contextvars.ContextVar[str | None] = contextvars.ContextVar("esb_cid", default=None)
+current_service: contextvars.ContextVar[str | None] = contextvars.ContextVar("esb_service", default=None)
+
+
+@dataclass(frozen=True)
+class RunningCall:
+    service: str
+    cid: str
+    started: float  # time.monotonic()
+
+
+class RunningCalls:
+    """Calls in progress by greenlet. PERF(esb): one dict write and delete per call."""
+
+    def __init__(self) -> None:
+        self.by_greenlet: dict[greenlet.greenlet, RunningCall] = {}
+
+    @contextlib.contextmanager
+    def track(self, service: str, cid: str) -> Iterator[None]:
+        current = greenlet.getcurrent()
+        outer = self.by_greenlet.get(current)
+        self.by_greenlet[current] = RunningCall(service, cid, time.monotonic())
+        cid_token = current_cid.set(cid)
+        service_token = current_service.set(service)
+        try:
+            yield
+        finally:
+            current_service.reset(service_token)
+            current_cid.reset(cid_token)
+            if outer is None:
+                self.by_greenlet.pop(current, None)
+            else:
+                self.by_greenlet[current] = outer
+
+    def of(self, glet: greenlet.greenlet) -> RunningCall | None:
+        return self.by_greenlet.get(glet)
+
+    def snapshot(self) -> list[RunningCall]:
+        return list(self.by_greenlet.values())
+
+
+running_calls = RunningCalls()
+
+
+def current_call() -> RunningCall | None:
+    return running_calls.of(greenlet.getcurrent())
+
+
+class ContextFilter(logging.Filter):
+    """Adds ``cid`` and ``service`` to every record, from the running call if any."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "cid"):
+            record.cid = current_cid.get() or "-"
+        if not hasattr(record, "service"):
+            record.service = current_service.get() or "-"
+        return True

@@ -1,0 +1,1 @@
+"""The server: gunicorn arbiter, gevent workers, their runtime and HTTP app."""

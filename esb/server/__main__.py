@@ -1,0 +1,3 @@
+from esb.server.application import main
+
+main()

@@ -1,0 +1,91 @@
+"""HTTP error mapping, in one place: esb errors to statuses, every error body to JSON.
+
+Every error answer is ``{"error": ..., "cid": ...}`` with the X-ESB-CID header; a
+traceback goes to the log with the cid and never to the client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+
+import falcon
+
+from esb.errors import BadInput, BusUnavailable, EsbError, OutconnUnavailable, ServiceNotFound
+from esb.observe import metrics
+
+logger = logging.getLogger(__name__)
+
+CID_HEADER = "X-ESB-CID"
+_PLAIN_TOKEN = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+def cid_of(req: falcon.Request) -> str:
+    """The request's correlation id: a plain incoming X-ESB-CID of at most 64 chars, else new."""
+    cid = getattr(req.context, "cid", None)
+    if cid is None:
+        incoming = req.get_header(CID_HEADER)
+        cid = incoming if incoming and _PLAIN_TOKEN.match(incoming) else uuid.uuid4().hex
+        req.context.cid = cid
+    return cid
+
+
+def write_error(req: falcon.Request, resp: falcon.Response, status: int, message: str) -> None:
+    cid = cid_of(req)
+    metrics.http_errors[status] += 1
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = json.dumps({"error": message, "cid": cid})
+    resp.set_header(CID_HEADER, cid)
+
+
+def _serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+    for name, value in (exc.headers or {}).items():
+        resp.set_header(name, value)
+    write_error(req, resp, exc.status_code, exc.description or exc.title)
+
+
+# The status each esb error answers with; the most specific class in the MRO wins.
+STATUS_OF: dict[type[EsbError], int] = {
+    ServiceNotFound: 404,
+    OutconnUnavailable: 503,
+    BusUnavailable: 503,
+}
+
+
+def _handle_esb_error(req: falcon.Request, resp: falcon.Response, exc: EsbError, params: dict) -> None:
+    if isinstance(exc, BadInput):
+        write_error(req, resp, exc.status_code, exc.message)
+        return
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            logger.warning(
+                "%s %s answered %d: %s", req.method, req.path, STATUS_OF[cls], exc, extra={"cid": cid_of(req)}
+            )
+            write_error(req, resp, STATUS_OF[cls], str(exc))
+            return
+    _handle_unexpected(req, resp, exc, params)
+
+
+def _handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:
+    if isinstance(exc, falcon.HTTPError):
+        _serialize_http_error(req, resp, exc)
+        return
+    cid = cid_of(req)
+    logger.error(
+        "%s %s failed with an unexpected error; answering 500",
+        req.method,
+        req.path,
+        exc_info=exc,
+        extra={"cid": cid},
+    )
+    write_error(req, resp, 500, "internal error; see the server log for this cid")
+
+
+def install(app: falcon.App) -> None:
+    """Replace falcon's defaults: JSON error bodies, no traceback to the client."""
+    app.set_error_serializer(_serialize_http_error)
+    app.add_error_handler(Exception, _handle_unexpected)
+    app.add_error_handler(EsbError, _handle_esb_error)

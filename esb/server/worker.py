@@ -1,0 +1,201 @@
+"""Everything one gevent worker holds, rebuilt from the ODB and Redis whenever it starts.
+
+Nothing here lives only in this worker: services, channels and security come from the
+ODB; dispatched work sits in the Redis stream until acknowledged. A worker that is
+killed and replaced loses nothing but the requests it was serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import gevent
+from redis.exceptions import RedisError
+
+from esb.bus import DispatchMessage, Heartbeat, Keys, make_blocking_reader, make_redis, utc_now_iso
+from esb.config import Definitions, ServerConfig, merge_units
+from esb.errors import ConfigError, OdbUnavailable, ServiceNotFound
+from esb.observe import collect_status, metrics
+from esb.observe.blocking import start_block_monitor
+from esb.odb import MODULE, UNIT, OdbStore
+from esb.scheduler.records import job_finished, job_started
+from esb.server.consumer import DispatchConsumer, consumer_name
+from esb.server.http import compile_channels, make_app
+from esb.service import JobInfo, ServiceRuntime, ServiceStore
+
+logger = logging.getLogger(__name__)
+
+ODB_POLL_S = 5.0
+
+
+class WorkerRuntime:
+    """Built in the worker after fork (``gunicorn load()``), started in ``post_worker_init``.
+
+    ``__init__`` opens no socket; ``start()`` loads state once and spawns the background
+    greenlets; ``stop()`` ends them gracefully.
+    """
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.keys = Keys(config.main.cluster)
+        self.redis = make_redis(config.redis_url, socket_timeout_s=config.redis.socket_timeout_s)
+        self.odb = OdbStore(config.odb_url)
+        self.store = ServiceStore()
+        self.services = ServiceRuntime(self.store, self.redis, self.keys)
+        self.definitions = Definitions(objects={}, unit_of={})
+        self.generation = -1
+        self.started_at = utc_now_iso()
+        self.app, self.sink = make_app(
+            config,
+            self.services,
+            collect_status=self.status,
+            render_metrics=lambda: metrics.render(self.redis, self.keys),
+        )
+        self.heartbeat = Heartbeat(
+            self.redis,
+            self.keys.worker_heartbeat(self.host, self.pid),
+            self._heartbeat_fields,
+            interval_s=config.observe.heartbeat_interval_s,
+            ttl_s=config.observe.stale_after_s,
+        )
+        self.consumer = DispatchConsumer(
+            client=self.redis,
+            reader=make_blocking_reader(config.redis_url, block_s=1.0),
+            keys=self.keys,
+            consumer_name=consumer_name(self.host, self.pid),
+            settings=config.dispatch,
+            run=self.run_dispatched,
+        )
+        self._greenlets: list[gevent.Greenlet] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            self.reload()
+        except (OdbUnavailable, RedisError) as exc:
+            logger.error("worker %d could not load its state (%s); retrying in the background", self.pid, exc)
+        start_block_monitor(self.config.observe.block_warn_s)
+        self._greenlets = [
+            gevent.spawn(self.heartbeat.run_forever),
+            gevent.spawn(self.watch_deploys),
+            gevent.spawn(self.poll_odb),
+        ]
+        self.consumer.start()
+        logger.info(
+            "worker %d ready: generation %d, %d services, %d channels",
+            self.pid,
+            self.generation,
+            len(self.store.services),
+            len(self.sink.table),
+        )
+
+    def stop(self) -> None:
+        self.consumer.stop(timeout_s=self.config.main.graceful_timeout / 2)
+        gevent.killall(self._greenlets, block=True, timeout=2)
+        self.heartbeat.stop()
+
+    # -- state -------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Rebuild services, channels and security from the ODB if its generation moved."""
+        generation = self.odb.generation()
+        if generation == self.generation:
+            return
+        modules = self.odb.current(MODULE)
+        units = self.odb.current(UNIT)
+        self.store.rebuild([(m.name, m.version, m.content) for m in modules])
+        try:
+            definitions = merge_units([(u.name, u.content) for u in units])
+        except ConfigError as exc:
+            logger.error(
+                "definitions of generation %d rejected here (%s); the previous ones keep serving",
+                generation,
+                exc,
+            )
+        else:
+            self.definitions = definitions
+            self.sink.table = compile_channels(definitions)
+        self.generation = generation
+        logger.info("worker %d now at generation %d", self.pid, generation)
+
+    def watch_deploys(self) -> None:
+        """Reload when a deploy is announced; resubscribe after a Redis outage."""
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.keys.deploy_channel)
+                # A deploy announced while we were not subscribed is caught by this reload.
+                self._reload_logged()
+                for _message in pubsub.listen():
+                    self._reload_logged()
+            except RedisError as exc:
+                logger.warning("deploy notices: Redis unavailable (%s); resubscribing", exc)
+                gevent.sleep(1.0)
+            finally:
+                pubsub.close()
+
+    def poll_odb(self) -> None:
+        """The safety net under pub/sub: a missed notice costs at most ODB_POLL_S."""
+        while True:
+            gevent.sleep(ODB_POLL_S)
+            self._reload_logged()
+
+    def _reload_logged(self) -> None:
+        try:
+            self.reload()
+        except OdbUnavailable as exc:
+            logger.warning("ODB unavailable (%s); keeping generation %d", exc, self.generation)
+
+    # -- dispatched work -----------------------------------------------------------------
+
+    def run_dispatched(self, message: DispatchMessage) -> None:
+        """Run one stream message; a failing service is logged and counted, never retried."""
+        job = JobInfo(**message.job) if message.job else None
+        if job is not None:
+            job_started(self.redis, self.keys, job.name, job.firing_id)
+        started = time.monotonic()
+        error = None
+        try:
+            self.services.invoke(message.service, message.payload, cid=message.cid, job=job)
+            metrics.dispatch_runs["ok"] += 1
+        except ServiceNotFound as exc:
+            error = str(exc)
+            metrics.dispatch_runs["error"] += 1
+            logger.error("dispatched message %s dropped: %s", message.msg_id, exc, extra={"cid": message.cid})
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            metrics.dispatch_runs["error"] += 1
+            logger.exception(
+                "service %s failed on dispatched message %s",
+                message.service,
+                message.msg_id,
+                extra={"cid": message.cid, "service": message.service},
+            )
+        if job is not None:
+            job_finished(self.redis, self.keys, job.name, job.firing_id, time.monotonic() - started, error)
+
+    # -- facts -------------------------------------------------------------------------
+
+    def _heartbeat_fields(self) -> dict[str, str]:
+        return {
+            "pid": str(self.pid),
+            "host": self.host,
+            "server": str(self.config.directory),
+            "started_at": self.started_at,
+            "generation": str(self.generation),
+            "inflight": str(len(self.consumer.inflight)),
+            "metrics": metrics.snapshot(),
+        }
+
+    def status(self) -> dict[str, Any]:
+        return collect_status(self.redis, self.keys, self.config, self.definitions)
+
+
+__all__ = ["WorkerRuntime"]

@@ -1,0 +1,88 @@
+"""What a service developer writes against: Service, its request and its response."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import redis
+
+    from esb.service.runtime import ServiceRuntime
+
+
+@dataclass(frozen=True)
+class HttpInfo:
+    """The HTTP facts of a request that came through a channel."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    query: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """The facts of a scheduler firing."""
+
+    name: str
+    firing_id: str
+    scheduled_at: str
+
+
+@dataclass
+class Request:
+    payload: Any = field(default_factory=dict)
+    http: HttpInfo | None = None
+    job: JobInfo | None = None
+
+
+@dataclass
+class Response:
+    payload: Any = None
+    status_code: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Service:
+    """Base class of every service: set ``name`` and implement ``handle``.
+
+    ``handle`` reads ``self.request`` and fills ``self.response``; everything else a
+    service needs (invoke, invoke_async, redis, out, logger) hangs off ``self``.
+    """
+
+    name: ClassVar[str] = ""
+
+    __slots__ = ("request", "response", "cid", "logger", "_runtime")
+
+    def __init__(self, runtime: ServiceRuntime, request: Request, cid: str):
+        self._runtime = runtime
+        self.request = request
+        self.response = Response()
+        self.cid = cid
+        self.logger = logging.getLogger(f"esb.service.{self.name}")
+
+    def handle(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__}.handle")
+
+    def invoke(self, name: str, payload: Any = None) -> Any:
+        """Run another service now, in this greenlet, and return its response payload."""
+        return self._runtime.invoke(name, payload, cid=self.cid).payload
+
+    def invoke_async(self, name: str, payload: Any = None) -> str:
+        """Queue another service to run on any worker of the cluster; returns the message id.
+
+        Delivery is at least once: a message taken by a worker that dies runs elsewhere.
+        """
+        return self._runtime.invoke_async(name, payload, cid=self.cid)
+
+    @property
+    def redis(self) -> redis.Redis:
+        return self._runtime.redis
+
+    @property
+    def out(self) -> Any:
+        """Outgoing connections by kind: ``self.out.amqp[name]``, ``self.out.sql[name]``."""
+        return self._runtime.outgoing
