@@ -1,0 +1,159 @@
+"""Test helpers: deadlines instead of sleeps, and a running esb server under test."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ESB = [sys.executable, "-m", "esb.cli"]
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 15.0, interval_s: float = 0.1,
+               message: str = "condition") -> Any:
+    """Poll PREDICATE until it returns something truthy; fail the test after TIMEOUT_S."""
+    deadline = time.monotonic() + timeout_s
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # the thing polled may not be up yet
+            last_exc = exc
+        time.sleep(interval_s)
+    raise AssertionError(f"{message} not met within {timeout_s} s (last error: {last_exc})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def esb(*args: str, timeout_s: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+    done = subprocess.run([*ESB, *args], capture_output=True, text=True, timeout=timeout_s)
+    if check and done.returncode != 0:
+        raise AssertionError(f"esb {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class Server:
+    """A server directory made by quickstart and run by `esb start --fg` in its own group."""
+
+    directory: Path
+    port: int
+    cluster: str
+    proc: subprocess.Popen | None = None
+    admin: tuple[str, str] = ("admin", "")
+    session: requests.Session = field(default_factory=requests.Session)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
+        data = body if isinstance(body, bytes | str) or body is None else json.dumps(body)
+        return self.session.post(self.url(path), data=data, timeout=30, **kwargs)
+
+    def admin_headers(self) -> dict[str, str]:
+        token = base64.b64encode(f"{self.admin[0]}:{self.admin[1]}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    def invoke(self, service: str, payload: Any = None) -> requests.Response:
+        return self.post(f"/esb/invoke/{service}", payload or {}, headers=self.admin_headers())
+
+    def status(self) -> dict:
+        done = esb("status", str(self.directory), "--json")
+        return json.loads(done.stdout)
+
+    def deploy(self, *files: Path | str) -> subprocess.CompletedProcess:
+        return esb("deploy", str(self.directory), *map(str, files))
+
+    def start(self, timeout_s: float = 60) -> None:
+        log = open(self.directory / "logs" / "fg.log", "ab")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen([*ESB, "start", str(self.directory), "--fg"], stdout=log,
+                                     stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_until(self.answers, timeout_s, message=f"server {self.directory} answering /esb/ping")
+
+    def answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"esb start exited {self.proc.returncode}:\n{self.log_tail('fg.log')}")
+        try:
+            return requests.get(self.url("/esb/ping"), timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def arbiter_pid(self) -> int:
+        return int((self.directory / "run" / "arbiter.pid").read_text())
+
+    def worker_pids(self) -> list[int]:
+        return [p for p in children_of(self.arbiter_pid()) if pid_alive(p)]
+
+    def all_pids(self) -> list[int]:
+        """The launcher and every process below it."""
+        if self.proc is None:
+            return []
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            if pid_alive(pid):
+                found.append(pid)
+                todo.extend(children_of(pid))
+        return found
+
+    def log_tail(self, name: str = "server.log", lines: int = 60) -> str:
+        path = self.directory / "logs" / name
+        if not path.exists():
+            return f"(no {name})"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def log(self, name: str = "server.log") -> str:
+        path = self.directory / "logs" / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            esb("stop", str(self.directory), timeout_s=90)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        self.proc = None
