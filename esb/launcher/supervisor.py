@@ -101,8 +101,20 @@ class Launcher:
             children_file(config).unlink(missing_ok=True)
         return self._exit_code
 
+    def check_port(self) -> None:
+        """Fail with a sentence now rather than let the arbiter retry and exit later."""
+        host, port = self.config.main.host, self.config.main.port
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+        except OSError as exc:
+            raise StartError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
     def start_all(self) -> None:
         config = self.config
+        if "server" in self.roles:
+            self.check_port()
         if config.is_redis_embedded:
             self.redis_child = embedded_redis(config)
             config.embedded_redis_socket.unlink(missing_ok=True)
