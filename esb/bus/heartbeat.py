@@ -11,6 +11,8 @@ from collections.abc import Callable
 import redis
 from redis.exceptions import RedisError
 
+from esb.observe.outage import OutageNotice
+
 logger = logging.getLogger(__name__)
 
 
@@ -47,7 +49,7 @@ class Heartbeat:
         self.interval_s = interval_s
         self.ttl_ms = int(ttl_s * 1000)
         self._stopped = threading.Event()
-        self._failing = False
+        self._outage = OutageNotice(logger, f"heartbeat {key}")
 
     def beat(self) -> None:
         values = self.fields() | {"last_heartbeat": utc_now_iso()}
@@ -60,13 +62,9 @@ class Heartbeat:
         while not self._stopped.is_set():
             try:
                 self.beat()
-                if self._failing:
-                    logger.info("heartbeat %s: Redis is back", self.key)
-                    self._failing = False
+                self._outage.succeeded()
             except RedisError as exc:
-                if not self._failing:
-                    logger.warning("heartbeat %s: Redis unavailable (%s); retrying", self.key, exc)
-                    self._failing = True
+                self._outage.failed(exc, self.interval_s)
             # Sleep in small steps so stop() is prompt (time.sleep is gevent's in a worker).
             deadline = time.monotonic() + self.interval_s
             while not self._stopped.is_set() and time.monotonic() < deadline:

@@ -9,7 +9,7 @@ from esb.bus import Keys, make_redis
 from esb.cli.common import FAILURE, OK, load_or_exit, print_json
 from esb.config import Definitions, merge_units
 from esb.errors import ConfigError, OdbUnavailable
-from esb.observe import collect_status
+from esb.observe.status import collect_status
 from esb.odb import UNIT, OdbStore
 
 

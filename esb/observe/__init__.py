@@ -1,7 +1,11 @@
-"""Observability: logging, run context, status aggregation, the loop-block monitor."""
+"""Observability: logging, run context, outage notices, metrics, status, the loop-block monitor.
+
+Only the low-level pieces are exported here; ``esb.observe.status`` and
+``esb.observe.metrics`` read Redis through ``esb.bus`` and are imported by path.
+"""
 
 from esb.observe.context import ContextFilter, current_call, running_calls
 from esb.observe.logs import setup_logging
-from esb.observe.status import collect_status
+from esb.observe.outage import OutageNotice
 
-__all__ = ["ContextFilter", "collect_status", "current_call", "running_calls", "setup_logging"]
+__all__ = ["ContextFilter", "OutageNotice", "current_call", "running_calls", "setup_logging"]

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError, ResponseError
 from esb.bus import DispatchMessage, Keys, ensure_group
 from esb.bus.dispatch import finish, is_done
 from esb.config.server_conf import DispatchSection
+from esb.observe.outage import OutageNotice
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +67,8 @@ class DispatchConsumer:
         gevent.killall(self._greenlets, block=True, timeout=2)
         self.pool.join(timeout=timeout_s)
 
-    def _pause_after_error(self, what: str, exc: Exception, failures: int) -> int:
-        delay = min(0.1 * 2**failures, 5.0)
-        log = logger.warning if failures == 0 else logger.debug
-        log("dispatch %s failed (%s); retrying in %.1f s", what, exc, delay)
-        gevent.sleep(delay)
-        return failures + 1
-
     def read_loop(self) -> None:
-        failures = 0
+        outage = OutageNotice(logger, "dispatch read")
         has_group = False
         while self._running:
             try:
@@ -91,16 +85,13 @@ class DispatchConsumer:
                     count=min(self.pool.free_count(), READ_BATCH),
                     block=BLOCK_MS,
                 )
-                if failures:
-                    logger.info("dispatch read: Redis is back")
-                failures = 0
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    has_group = False  # Redis lost the group (restart without persistence)
-                failures = self._pause_after_error("read", exc, failures)
-                continue
+                outage.succeeded()
             except RedisError as exc:
-                failures = self._pause_after_error("read", exc, failures)
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    has_group = False  # Redis lost the group (restart without persistence)
+                delay_s = outage.backoff_s()
+                outage.failed(exc, delay_s)
+                gevent.sleep(delay_s)
                 continue
             for _stream, entries in batch or []:
                 for entry_id, fields in entries:

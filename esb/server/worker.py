@@ -19,8 +19,10 @@ from redis.exceptions import RedisError
 from esb.bus import DispatchMessage, Heartbeat, Keys, make_blocking_reader, make_redis, utc_now_iso
 from esb.config import Definitions, ServerConfig, merge_units
 from esb.errors import ConfigError, OdbUnavailable, ServiceNotFound
-from esb.observe import collect_status, metrics
+from esb.observe import metrics
 from esb.observe.blocking import start_block_monitor
+from esb.observe.outage import OutageNotice
+from esb.observe.status import collect_status
 from esb.odb import MODULE, UNIT, OdbStore
 from esb.scheduler.records import job_finished, job_started
 from esb.server.consumer import DispatchConsumer, consumer_name
@@ -127,16 +129,18 @@ class WorkerRuntime:
 
     def watch_deploys(self) -> None:
         """Reload when a deploy is announced; resubscribe after a Redis outage."""
+        outage = OutageNotice(logger, "subscription to deploy notices")
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self.keys.deploy_channel)
+                outage.succeeded()
                 # A deploy announced while we were not subscribed is caught by this reload.
                 self._reload_logged()
                 for _message in pubsub.listen():
                     self._reload_logged()
             except RedisError as exc:
-                logger.warning("deploy notices: Redis unavailable (%s); resubscribing", exc)
+                outage.failed(exc, 1.0)
                 gevent.sleep(1.0)
             finally:
                 pubsub.close()
