@@ -63,6 +63,19 @@ def new_msg_id() -> str:
     return uuid.uuid4().hex
 
 
+# Append unless the stream already holds max_backlog unfinished messages: a full backlog
+# answers "try later" instead of growing Redis's memory without bound.
+_BOUNDED_XADD = """
+local limit = tonumber(ARGV[1])
+if limit > 0 and redis.call('XLEN', KEYS[1]) >= limit then return false end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+"""
+
+
+class BacklogFull(BusUnavailable):
+    """The dispatch stream holds its configured maximum of unfinished messages."""
+
+
 def enqueue(
     client: redis.Redis,
     keys: Keys,
@@ -72,10 +85,12 @@ def enqueue(
     cid: str | None = None,
     msg_id: str | None = None,
     job: dict | None = None,
+    max_backlog: int = 0,
 ) -> str:
     """Append one message to the dispatch stream and return its id.
 
-    Raises BusUnavailable when Redis cannot take it (the caller decides whether to retry).
+    Raises BacklogFull when the stream holds ``max_backlog`` unfinished messages (0: no
+    limit) and BusUnavailable when Redis cannot take it; the caller decides whether to retry.
     """
     msg_id = msg_id or new_msg_id()
     message = DispatchMessage(
@@ -86,10 +101,16 @@ def enqueue(
         job=job,
         enqueued_at=time.time(),
     )
+    flat = [part for pair in message.to_fields().items() for part in pair]
     try:
-        client.xadd(keys.dispatch, message.to_fields())
+        added = client.eval(_BOUNDED_XADD, 1, keys.dispatch, max_backlog, *flat)
     except RedisError as exc:
         raise BusUnavailable(f"cannot enqueue {service}: {exc}") from exc
+    if added is None:
+        raise BacklogFull(
+            f"cannot enqueue {service}: the dispatch backlog is full "
+            f"({max_backlog} unfinished messages); try again later"
+        )
     return msg_id
 
 

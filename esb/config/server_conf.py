@@ -71,6 +71,9 @@ class DispatchSection:
         3.0, "Seconds after which a dispatched message whose worker went silent is reclaimed."
     )
     done_ttl_s: int = _key(86400, "Seconds a finished message id is remembered to de-duplicate.")
+    max_backlog: int = _key(
+        100000, "Unfinished dispatch messages Redis may hold; past it invoke_async answers 503."
+    )
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,7 @@ def _validate(config: ServerConfig, file: str) -> None:
     need(config.http.metrics_auth in ("admin", "none"), "http.metrics_auth", "must be admin or none")
     need(bool(config.admin.password), "admin.password", "must be set")
     need(config.dispatch.concurrency >= 1, "dispatch.concurrency", "must be at least 1")
+    need(config.dispatch.max_backlog >= 0, "dispatch.max_backlog", "must not be negative")
     need(config.dispatch.reclaim_idle_s > 0, "dispatch.reclaim_idle_s", "must be positive")
     need(config.observe.heartbeat_interval_s > 0, "observe.heartbeat_interval_s", "must be positive")
     need(

@@ -49,7 +49,9 @@ class WorkerRuntime:
         self.redis = make_redis(config.redis_url, socket_timeout_s=config.redis.socket_timeout_s)
         self.odb = OdbStore(config.odb_url)
         self.store = ServiceStore()
-        self.services = ServiceRuntime(self.store, self.redis, self.keys)
+        self.services = ServiceRuntime(
+            self.store, self.redis, self.keys, max_backlog=config.dispatch.max_backlog
+        )
         self.definitions = Definitions(objects={}, unit_of={})
         self.generation = -1
         self.started_at = utc_now_iso()

@@ -54,15 +54,20 @@ class Service:
     """
 
     name: ClassVar[str] = ""
+    logger: ClassVar[logging.Logger] = logging.getLogger("esb.service")
 
-    __slots__ = ("request", "response", "cid", "logger", "_runtime")
+    __slots__ = ("request", "response", "cid", "_runtime")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # PERF(esb): one logger per service class, looked up once at deploy, not per call.
+        cls.logger = logging.getLogger(f"esb.service.{cls.name or cls.__name__}")
 
     def __init__(self, runtime: ServiceRuntime, request: Request, cid: str):
         self._runtime = runtime
         self.request = request
         self.response = Response()
         self.cid = cid
-        self.logger = logging.getLogger(f"esb.service.{self.name}")
 
     def handle(self) -> None:
         raise NotImplementedError(f"{type(self).__name__}.handle")

@@ -20,10 +20,11 @@ logger = logging.getLogger(__name__)
 class ServiceRuntime:
     """What a worker offers its services: the store, Redis, outgoing connections."""
 
-    def __init__(self, store: ServiceStore, client: redis.Redis, keys: Keys):
+    def __init__(self, store: ServiceStore, client: redis.Redis, keys: Keys, *, max_backlog: int = 0):
         self.store = store
         self.redis = client
         self.keys = keys
+        self.max_backlog = max_backlog
         self.outgoing = Munch(amqp={}, sql={})
 
     def invoke(
@@ -49,4 +50,4 @@ class ServiceRuntime:
         return service.response
 
     def invoke_async(self, name: str, payload: Any, *, cid: str) -> str:
-        return enqueue(self.redis, self.keys, name, payload, cid=cid)
+        return enqueue(self.redis, self.keys, name, payload, cid=cid, max_backlog=self.max_backlog)

@@ -56,7 +56,7 @@ class Hog(Service):
             pass
 '''
 
-CHANNELS = '''
+CHANNELS = """
 [[channel.http]]
 name = "t-where"
 path = "/t/where"
@@ -71,7 +71,7 @@ service = "t.enqueue"
 name = "t-hog"
 path = "/t/hog"
 service = "t.hog"
-'''
+"""
 
 
 def deploy_services(server, tmp_path: Path) -> None:
@@ -100,12 +100,17 @@ def test_killed_worker_is_replaced_and_serves_everything(esb_server, odb_url, tm
     victim = before[0]
     os.kill(victim, signal.SIGKILL)
 
-    wait_until(lambda: len(server.worker_pids()) == 2 and victim not in server.worker_pids(),
-               message="the arbiter replaced the killed worker")
+    wait_until(
+        lambda: len(server.worker_pids()) == 2 and victim not in server.worker_pids(),
+        message="the arbiter replaced the killed worker",
+    )
     replacement = (set(server.worker_pids()) - set(before)).pop()
     # The replacement rebuilt its services and channels from the ODB: it answers them.
-    wait_until(lambda: replacement in pids_answering(server), timeout_s=30,
-               message="the replacement answers the hot-deployed channel")
+    wait_until(
+        lambda: replacement in pids_answering(server),
+        timeout_s=30,
+        message="the replacement answers the hot-deployed channel",
+    )
     assert requests.post(server.url("/demo/hello"), json={"name": "x"}, timeout=5).json() == {"hello": "x"}
 
     def dead_worker_gone() -> bool:
@@ -125,8 +130,11 @@ def test_async_message_of_a_killed_worker_runs_elsewhere_once(esb_server, redis_
     first = int(wait_until(lambda: redis_client.lindex(key + ":started", 0), message="slow service started"))
     os.kill(first, signal.SIGKILL)
 
-    wait_until(lambda: redis_client.llen(key + ":done") == 1, timeout_s=30,
-               message="the message was reclaimed and finished by another worker")
+    wait_until(
+        lambda: redis_client.llen(key + ":done") == 1,
+        timeout_s=30,
+        message="the message was reclaimed and finished by another worker",
+    )
     runner = int(redis_client.lindex(key + ":done", 0))
     assert runner != first
     time.sleep(4)  # long enough for a wrong second delivery to show
@@ -141,12 +149,21 @@ def test_hung_worker_is_killed_named_and_replaced(esb_server, tmp_path):
         requests.post(server.url("/t/hog"), json={"seconds": 60}, timeout=30)
     except requests.RequestException:
         pass  # the worker holding the request is killed: the connection drops
-    wait_until(lambda: "held the event loop" in server.log() and "t.hog" in server.log(),
-               timeout_s=30, message="the loop-block monitor names the service")
-    wait_until(lambda: "WORKER TIMEOUT: service t.hog" in server.log(), timeout_s=30,
-               message="the WORKER TIMEOUT names the service")
-    wait_until(lambda: len(set(server.worker_pids()) - before) == 1 and len(server.worker_pids()) == 2,
-               timeout_s=30, message="the arbiter replaced the hung worker")
+    wait_until(
+        lambda: "held the event loop" in server.log() and "t.hog" in server.log(),
+        timeout_s=30,
+        message="the loop-block monitor names the service",
+    )
+    wait_until(
+        lambda: "WORKER TIMEOUT: service t.hog" in server.log(),
+        timeout_s=30,
+        message="the WORKER TIMEOUT names the service",
+    )
+    wait_until(
+        lambda: len(set(server.worker_pids()) - before) == 1 and len(server.worker_pids()) == 2,
+        timeout_s=30,
+        message="the arbiter replaced the hung worker",
+    )
     assert len(pids_answering(server)) >= 1
 
 
@@ -157,14 +174,15 @@ def test_stopped_worker_past_timeout_is_replaced(esb_server, tmp_path):
     victim = min(before)
     os.kill(victim, signal.SIGSTOP)
     try:
-        wait_until(lambda: not pid_alive(victim), timeout_s=30, message="the arbiter killed the stopped worker")
+        wait_until(
+            lambda: not pid_alive(victim), timeout_s=30, message="the arbiter killed the stopped worker"
+        )
     finally:
         if pid_alive(victim):
             os.kill(victim, signal.SIGCONT)
     wait_until(lambda: len(server.worker_pids()) == 2, message="a replacement worker runs")
     replacement = (set(server.worker_pids()) - before).pop()
-    wait_until(lambda: replacement in pids_answering(server), timeout_s=30,
-               message="the replacement answers")
+    wait_until(lambda: replacement in pids_answering(server), timeout_s=30, message="the replacement answers")
 
 
 def test_stop_leaves_no_process(esb_server):
@@ -179,6 +197,7 @@ def test_stop_leaves_no_process(esb_server):
 def test_embedded_redis_that_dies_is_restarted(esb_server, tmp_path):
     server = esb_server(embedded_redis=True)
     import json
+
     redis_pid = json.loads((server.directory / "run" / "children.json").read_text())["redis"]
     os.kill(redis_pid, signal.SIGKILL)
 
