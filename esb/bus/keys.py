@@ -17,6 +17,10 @@ class Keys:
         # Manual "run this job now" requests for the active scheduler.
         self.scheduler_commands = self.prefix + "scheduler:commands"
 
+    def scheduler_reply(self, request_id: str) -> str:
+        """The active scheduler's answer to one manual request on ``scheduler_commands``."""
+        return f"{self.prefix}scheduler:reply:{request_id}"
+
     def done(self, msg_id: str) -> str:
         """Marks a dispatched message id as finished, to de-duplicate redeliveries."""
         return f"{self.prefix}done:{msg_id}"

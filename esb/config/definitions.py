@@ -297,6 +297,13 @@ def _check_job(obj: JobDef, file: str, where: str) -> None:
     _need(obj.on_overlap in ("skip", "wait"), file, f"{where}.on_overlap", "must be skip or wait")
     if obj.misfire_grace_s is not None:
         _need(obj.misfire_grace_s >= 0, file, f"{where}.misfire_grace_s", "must not be negative")
+    # Imported here: the scheduler's trigger mapping is the one judge of a schedule, and
+    # config must not pull APScheduler in for every other caller at import time.
+    from esb.scheduler.triggers import trigger_problem
+
+    problem = trigger_problem(obj)
+    if problem is not None:
+        _need(False, file, f"{where}.{problem[0]}", problem[1])
 
 
 def _check_positive(attr: str) -> Any:

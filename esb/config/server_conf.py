@@ -90,6 +90,11 @@ class SchedulerSection:
     enabled: bool = _key(True, "Whether esb start runs the scheduler beside the server.")
     misfire_grace_s: int = _key(30, "Default seconds within which a missed firing still runs.")
     lease_ttl_s: float = _key(3.0, "Seconds the active scheduler's lease lives unless renewed.")
+    inflight_ttl_s: float = _key(
+        3600.0,
+        "Seconds after which a job's run-in-progress marker lapses even if the run never "
+        "reported back (normally it is cleared when the run ends).",
+    )
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,9 @@ def _validate(config: ServerConfig, file: str) -> None:
     need(config.dispatch.concurrency >= 1, "dispatch.concurrency", "must be at least 1")
     need(config.dispatch.max_backlog >= 0, "dispatch.max_backlog", "must not be negative")
     need(config.dispatch.reclaim_idle_s > 0, "dispatch.reclaim_idle_s", "must be positive")
+    need(config.scheduler.misfire_grace_s >= 0, "scheduler.misfire_grace_s", "must not be negative")
+    need(config.scheduler.lease_ttl_s >= 1, "scheduler.lease_ttl_s", "must be at least 1 second")
+    need(config.scheduler.inflight_ttl_s > 0, "scheduler.inflight_ttl_s", "must be positive")
     need(config.observe.heartbeat_interval_s > 0, "observe.heartbeat_interval_s", "must be positive")
     need(
         config.observe.stale_after_s > config.observe.heartbeat_interval_s,

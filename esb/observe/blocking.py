@@ -53,6 +53,8 @@ def start_block_monitor(threshold_s: float) -> None:
         except OSError:
             pass  # nowhere left to say it; the WORKER TIMEOUT hook will still name the service
 
+    # Without monitor_thread, start_periodic_monitoring_thread() quietly does nothing.
+    gevent.config.monitor_thread = True
     gevent.config.max_blocking_time = threshold_s
     gevent.events.subscribers.append(on_event)
     gevent.get_hub().start_periodic_monitoring_thread()

@@ -58,6 +58,8 @@ def _job_is_stale(job: JobDef, state: dict[str, str], now: dt.datetime) -> bool:
     and did not: older than twice its interval plus a grace."""
     if job.paused or job.type == "one_time":
         return False
+    if state.get("sig") and state.get("next_run") == "":
+        return False  # the scheduler placed it and found no further fire time: it is done
     if job.type == "interval":
         reference = state.get("last_run") or state.get("defined_at")
         age = _age_s(reference, now)

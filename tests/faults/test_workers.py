@@ -150,7 +150,7 @@ def test_hung_worker_is_killed_named_and_replaced(esb_server, tmp_path):
     except requests.RequestException:
         pass  # the worker holding the request is killed: the connection drops
     wait_until(
-        lambda: "held the event loop" in server.log() and "t.hog" in server.log(),
+        lambda: "service t.hog" in server.log() and "has held the event loop of worker" in server.log(),
         timeout_s=30,
         message="the loop-block monitor names the service",
     )

@@ -54,7 +54,13 @@ def read_body(req: falcon.Request, max_bytes: int) -> bytes:
         raise falcon.HTTPContentTooLarge(
             description=f"request body of {length} bytes is over the limit of {max_bytes}"
         )
-    body = req.bounded_stream.read(max_bytes + 1)
+    # A chunked body has no Content-Length, and falcon's bounded_stream then reads nothing;
+    # an input the server ends where the body ends (gunicorn's does) is read to its end.
+    if length is None and req.env.get("wsgi.input_terminated"):
+        stream = req.stream
+    else:
+        stream = req.bounded_stream
+    body = stream.read(max_bytes + 1)
     if len(body) > max_bytes:
         raise falcon.HTTPContentTooLarge(description=f"request body is over the limit of {max_bytes}")
     return body

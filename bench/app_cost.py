@@ -1,0 +1,111 @@
+"""The app layer alone: microseconds per POST /demo/echo through esb's falcon app and a bare one.
+
+No network, no gunicorn, no Redis: both WSGI apps are called in-process with the same
+prepared environ, so the difference is exactly what esb's channel path adds (cid,
+channel lookup, body limit, Service object, response header). A profiling aid beside
+`make bench`, whose end-to-end ratio also counts gunicorn's and gevent's fixed cost.
+Usage:
+
+    python bench/app_cost.py [--requests 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bare_app  # noqa: E402
+
+from esb.bus import Keys  # noqa: E402
+from esb.config import load_server_config, merge_units  # noqa: E402
+from esb.config.server_conf import SERVER_CONF, write_server_conf  # noqa: E402
+from esb.server.http import compile_channels, make_app  # noqa: E402
+from esb.service import ServiceRuntime, ServiceStore  # noqa: E402
+
+SERVICES = Path(__file__).resolve().parent.parent / "services"
+BODY = b'{"name": "esb", "items": [1, 2, 3], "ok": true}'
+
+
+def esb_app(directory: Path):
+    """esb's worker app with the demo module and channels, as a worker builds it."""
+    write_server_conf(
+        directory / SERVER_CONF,
+        {"main": {"cluster": "appcost"}, "admin": {"username": "admin", "password": "x"}},
+    )
+    config = load_server_config(directory)
+    store = ServiceStore()
+    store.rebuild([("demo", 1, (SERVICES / "demo.py").read_text())])
+    runtime = ServiceRuntime(store, None, Keys("appcost"))
+    app, sink = make_app(config, runtime, collect_status=dict, render_metrics=str)
+    sink.table = compile_channels(merge_units([("demo", (SERVICES / "demo.toml").read_text())]))
+    return app
+
+
+def environ() -> dict:
+    return {
+        "REQUEST_METHOD": "POST",
+        "SCRIPT_NAME": "",
+        "PATH_INFO": "/demo/echo",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8000",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": str(len(BODY)),
+        "HTTP_HOST": "127.0.0.1:8000",
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+    }
+
+
+def per_request_us(app, requests: int) -> float:
+    base = environ()
+    statuses = []
+
+    def start_response(status, headers, exc_info=None):
+        statuses.append(status)
+
+    def one() -> None:
+        env = dict(base)
+        env["wsgi.input"] = io.BytesIO(BODY)
+        b"".join(app(env, start_response))
+
+    for _ in range(2000):
+        one()
+    if statuses[-1] != "200 OK":
+        raise SystemExit(f"app_cost: the app answered {statuses[-1]}")
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(requests // 5):
+            one()
+        best = min(best, (time.perf_counter() - started) / (requests // 5))
+    return best * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=50000)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="esb-appcost-") as tmp:
+        esb = esb_app(Path(tmp))
+    bare = bare_app.make_app()
+    bare_us = per_request_us(bare, args.requests)
+    esb_us = per_request_us(esb, args.requests)
+    print(f"bare falcon app: {bare_us:6.1f} us per request (best of 5)")
+    print(f"esb app:         {esb_us:6.1f} us per request (best of 5)")
+    print(f"esb adds:        {esb_us - bare_us:6.1f} us per request")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Scheduler benchmark: N interval jobs at 1 s for D seconds through a real esb server.
+
+Measures, for every run, the delay from the firing's due time to the start of its service
+in a worker, and counts firings that never ran (missed) and firings that ran twice
+(duplicated). Usage:
+
+    python bench/scheduler_bench.py [--jobs 1000] [--seconds 30] [--workers 2]
+                                    [--redis redis://127.0.0.1:6379/0] [--scheduler-only]
+
+It quickstarts a throw-away server directory, starts it, deploys the jobs, waits, stops
+the server and removes the directory and its Redis keys. With ``--scheduler-only`` no
+server runs: the scheduler process alone is measured, from due time to the firing's
+entry on the dispatch stream, read by a minimal consumer in this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import redis
+
+ESB = [sys.executable, "-m", "esb.cli"]
+
+SERVICE = '''
+import time
+
+from esb import Service
+from esb.bus import parse_iso
+
+
+class BenchTick(Service):
+    """Records how late it started: firing id and delay from the due time, in seconds."""
+
+    name = "bench.tick"
+
+    def handle(self):
+        started = time.time()
+        job = self.request.job
+        delay = started - parse_iso(job.scheduled_at).timestamp()
+        self.redis.rpush(self.request.payload["key"], f"{job.firing_id}|{delay:.6f}")
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def esb(*args: str) -> None:
+    done = subprocess.run([*ESB, *args], capture_output=True, text=True, timeout=180)
+    if done.returncode != 0:
+        raise SystemExit(f"esb {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+
+
+def jobs_toml(count: int, key: str) -> str:
+    return "".join(
+        f'[[scheduler.job]]\nname = "bench-{i:04d}"\nservice = "bench.tick"\n'
+        f'type = "interval"\nseconds = 1\npayload = {{ key = "{key}" }}\n\n'
+        for i in range(count)
+    )
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def scheduler_only(directory: Path, client: redis.Redis, cluster: str, seconds: float
+                   ) -> list[str]:
+    """Run ``python -m esb.scheduler`` alone and consume its stream here as fast as it can;
+    one ``firing_id|delay`` per entry read, the delay running from due time to XADD."""
+    stream, group = f"esb:{cluster}:dispatch", "workers"
+    client.xgroup_create(stream, group, id="0", mkstream=True)
+    scheduler = subprocess.Popen([sys.executable, "-m", "esb.scheduler", str(directory)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    clear = client.register_script(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
+        "return 0")
+    read: list[str] = []
+    deadline = time.time() + seconds + 2
+    try:
+        while time.time() < deadline:
+            batch = client.xreadgroup(group, "bench", {stream: ">"}, count=500, block=200)
+            pipe = client.pipeline(transaction=False)
+            for _stream, entries in batch or []:
+                for entry_id, fields in entries:
+                    job = json.loads(fields["job"])
+                    due = dt.datetime.fromisoformat(job["scheduled_at"].replace("Z", "+00:00"))
+                    delay = int(entry_id.split("-")[0]) / 1000 - due.timestamp()
+                    read.append(f"{job['firing_id']}|{delay:.6f}")
+                    pipe.xack(stream, group, entry_id)
+                    pipe.xdel(stream, entry_id)
+                    clear(keys=[f"esb:{cluster}:job:{job['name']}:inflight"],
+                          args=[job["firing_id"]], client=pipe)
+            pipe.execute()
+    finally:
+        scheduler.terminate()
+        scheduler.wait(timeout=30)
+    return read
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--scheduler-only", action="store_true",
+                        help="measure the scheduler alone: due time to stream entry")
+    args = parser.parse_args()
+
+    cluster = "bench" + uuid.uuid4().hex[:8]
+    client = redis.Redis.from_url(args.redis, decode_responses=True)
+    key = f"esb:{cluster}:bench:runs"
+    base = Path(tempfile.mkdtemp(prefix="esb-sched-bench-"))
+    directory = base / "server"
+    try:
+        esb("quickstart", str(directory), "--port", str(free_port()), "--workers",
+            str(args.workers), "--redis", args.redis, "--cluster", cluster)
+        (base / "benchsvc.py").write_text(SERVICE)
+        (base / "benchjobs.toml").write_text(jobs_toml(args.jobs, key))
+        if not args.scheduler_only:
+            esb("start", str(directory))
+            esb("deploy", str(directory), str(base / "benchsvc.py"))
+        esb("deploy", str(directory), str(base / "benchjobs.toml"))
+        deployed_at = time.time()
+        what = "the scheduler alone" if args.scheduler_only else "a server"
+        print(f"{args.jobs} jobs at 1 s deployed on {what}; measuring for {args.seconds:g} s",
+              flush=True)
+        if args.scheduler_only:
+            entries = scheduler_only(directory, client, cluster, args.seconds)
+        else:
+            time.sleep(args.seconds + 2)  # first firings come one interval after the deploy
+        measured_until = time.time() - 1.5  # runs due after this may still be under way
+        if not args.scheduler_only:
+            esb("stop", str(directory))
+            entries = client.lrange(key, 0, -1)
+        missed_by_scheduler = sum(
+            int(client.hget(f"esb:{cluster}:job:bench-{i:04d}", "missed") or 0)
+            for i in range(args.jobs)
+        )
+    finally:
+        for stale in client.scan_iter(match=f"esb:{cluster}:*", count=1000):
+            client.delete(stale)
+        shutil.rmtree(base, ignore_errors=True)
+
+    delays: list[float] = []
+    seen = Counter()
+    due_by_job: dict[str, list[dt.datetime]] = defaultdict(list)
+    for entry in entries:
+        firing, delay = entry.rsplit("|", 1)
+        seen[firing] += 1
+        if seen[firing] == 1:
+            delays.append(float(delay))
+            job, due = firing.split("@", 1)
+            due_by_job[job].append(dt.datetime.fromisoformat(due.replace("Z", "+00:00")))
+    duplicated = sum(count - 1 for count in seen.values())
+    # A firing is missing when a job's grid has a hole between its first run and the end
+    # of the measured window, or when a job never ran at all.
+    missing = 0
+    for i in range(args.jobs):
+        due = sorted(due_by_job.get(f"bench-{i:04d}", []))
+        if not due:
+            missing += int(measured_until - deployed_at - 1)
+            continue
+        in_window = [d for d in due if d.timestamp() <= measured_until]
+        expected = int((measured_until - due[0].timestamp()) // 1.0) + 1
+        missing += max(expected - len(in_window), 0)
+
+    if not delays:
+        print("no runs recorded")
+        return 1
+    where = "stream entry" if args.scheduler_only else "service start"
+    workers = "none" if args.scheduler_only else args.workers
+    print(f"runs: {len(delays)}  jobs: {args.jobs}  workers: {workers}")
+    print(f"delay from due time to {where}: p50 {percentile(delays, 0.50) * 1000:.1f} ms, "
+          f"p99 {percentile(delays, 0.99) * 1000:.1f} ms, max {max(delays) * 1000:.1f} ms, "
+          f"mean {statistics.fmean(delays) * 1000:.1f} ms")
+    print(f"missed: {missing} (scheduler's missed counters: {missed_by_scheduler})  "
+          f"duplicated: {duplicated}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

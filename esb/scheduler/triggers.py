@@ -1,0 +1,149 @@
+"""Job definitions -> APScheduler 3 triggers, anchored so that every scheduler computes the
+same fire times: an interval job's times are ``defined_at + k * interval`` (or count from
+its ``start_date``), whichever process computes them and however often it restarts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from esb.config.definitions import JobDef
+
+UTC = dt.UTC
+
+# Crontab numbers days of the week from Sunday (0 or 7); APScheduler 3 numbers them from
+# Monday. Names mean the same to both, so numeric day-of-week fields are rewritten as names.
+_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_DOW_PART = re.compile(r"^(\*|\d+)(?:-(\d+))?(?:/(\d+))?$")
+
+# The fields that decide when a job fires; changing any of them restarts its schedule.
+_SCHEDULE_FIELDS = (
+    "type", "weeks", "days", "hours", "minutes", "seconds", "cron", "timezone",
+    "start_date", "end_date", "repeats",
+)
+
+
+def parse_moment(value: str, timezone: str = "UTC") -> dt.datetime:
+    """An ISO 8601 date or date-time; without an offset it is read in TIMEZONE.
+
+    Raises ValueError for anything else.
+    """
+    moment = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=ZoneInfo(timezone))
+    return moment
+
+
+def crontab_day_of_week(field: str) -> str:
+    """Rewrite a crontab day-of-week field (0 or 7 = Sunday) as day names APScheduler reads.
+
+    Raises ValueError for a malformed numeric field.
+    """
+    if field == "*" or re.search(r"[a-zA-Z]", field):
+        return field
+    days: set[int] = set()
+    for part in field.split(","):
+        match = _DOW_PART.match(part)
+        if not match:
+            raise ValueError(f"bad day-of-week {part!r}")
+        start, end, step = match.groups()
+        if start == "*":
+            low, high = 0, 6
+        else:
+            low = int(start)
+            high = int(end) if end is not None else (6 if step else low)
+        if not (0 <= low <= 7 and 0 <= high <= 7) or low > high:
+            raise ValueError(f"bad day-of-week {part!r}")
+        days.update(day % 7 for day in range(low, high + 1, int(step or 1)))
+    return ",".join(_DAY_NAMES[day] for day in sorted(days))
+
+
+def make_trigger(job: JobDef, defined_at: dt.datetime) -> BaseTrigger:
+    """The trigger of JOB, whose schedule began at DEFINED_AT (a UTC datetime).
+
+    Raises ValueError (or ZoneInfoNotFoundError) when the definition cannot be scheduled.
+    """
+    timezone = ZoneInfo(job.timezone)
+    start = parse_moment(job.start_date, job.timezone) if job.start_date else None
+    end = parse_moment(job.end_date, job.timezone) if job.end_date else None
+    if job.type == "one_time":
+        if start is None:
+            raise ValueError("a one_time job needs start_date")
+        return DateTrigger(run_date=start, timezone=timezone)
+    if job.type == "interval":
+        if job.interval_s <= 0:
+            raise ValueError("an interval job needs weeks, days, hours, minutes or seconds")
+        # ARCHITECTURE.md: the first run is one interval after the job is defined.
+        first = start or defined_at + dt.timedelta(seconds=job.interval_s)
+        return IntervalTrigger(
+            seconds=job.interval_s, start_date=first, end_date=end, timezone=timezone
+        )
+    if job.type == "cron":
+        fields = (job.cron or "").split()
+        if len(fields) != 5:
+            raise ValueError("a cron job needs a five-field crontab expression")
+        minute, hour, day, month, day_of_week = fields
+        return CronTrigger(
+            minute=minute, hour=hour, day=day, month=month,
+            day_of_week=crontab_day_of_week(day_of_week),
+            start_date=start, end_date=end, timezone=timezone,
+        )
+    raise ValueError(f"unknown job type {job.type!r}")
+
+
+def trigger_problem(job: JobDef) -> tuple[str, str] | None:
+    """(key, reason) when JOB cannot be scheduled, else None; used to validate definitions."""
+    try:
+        ZoneInfo(job.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return "timezone", f"unknown time zone {job.timezone!r}"
+    for key in ("start_date", "end_date"):
+        value = getattr(job, key)
+        if value is not None:
+            try:
+                parse_moment(value, job.timezone)
+            except ValueError:
+                return key, f"not an ISO 8601 date-time: {value!r}"
+    try:
+        make_trigger(job, dt.datetime.now(UTC))
+    except ValueError as exc:
+        return ("cron" if job.type == "cron" else "type"), str(exc)
+    return None
+
+
+def schedule_signature(job: JobDef) -> str:
+    """A digest of the fields that decide when JOB fires (not its payload or service)."""
+    facts = {name: getattr(job, name) for name in _SCHEDULE_FIELDS}
+    text = json.dumps(facts, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:16]
+
+
+def first_fire_time(
+    trigger: BaseTrigger,
+    now: dt.datetime,
+    *,
+    defined_at: dt.datetime,
+    last_scheduled: dt.datetime | None,
+    resumed_at: dt.datetime | None,
+) -> dt.datetime | None:
+    """Where a (re)built job's schedule continues; None when it will never fire again.
+
+    After the last firing this cluster handled, the schedule continues with the one after
+    it, even when that is in the past: the misfire policy then decides what runs. A job
+    that was resumed after a pause continues from the moment of its resumption, so a
+    pause is not counted as missed firings.
+    """
+    if resumed_at is not None and (last_scheduled is None or resumed_at > last_scheduled):
+        return trigger.get_next_fire_time(None, max(resumed_at, defined_at))
+    if last_scheduled is not None:
+        return trigger.get_next_fire_time(last_scheduled, now)
+    return trigger.get_next_fire_time(None, defined_at)
