@@ -66,7 +66,7 @@ class AdminSection:
 
 @dataclass(frozen=True)
 class DispatchSection:
-    concurrency: int = _key(50, "Dispatched invocations one worker runs at once.")
+    concurrency: int = _key(100, "Dispatched invocations one worker runs at once.")
     reclaim_idle_s: float = _key(
         3.0, "Seconds after which a dispatched message whose worker went silent is reclaimed."
     )

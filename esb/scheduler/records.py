@@ -36,8 +36,9 @@ def job_finished(
     pipe.hdel(state, "running_firing", "running_since")
     if error:
         pipe.hincrby(state, "errors", 1)
+    # PERF(esb): the compare-and-delete rides in the same round trip as the record.
+    pipe.eval(_CLEAR_IF_EQUAL, 1, keys.job_inflight(job), firing_id)
     pipe.execute()
-    clear_inflight(client, keys, job, firing_id)
 
 
 # Compare-and-delete: only the firing that set the marker may clear it.
