@@ -167,14 +167,20 @@ def test_overlap_skip_and_wait(server):
     assert all(b.started - a.started >= 2.2 for a, b in itertools.pairwise(waiter_runs))
 
 
-def test_failover_to_the_standby_after_kill_9(server):
-    sd = server({"jobs": job_toml("tick", type="interval", seconds=1)})
-    first = start_scheduler(server, sd)
+def active_and_standby(make):
+    """A 1 s job, an active scheduler that has fired it twice, a standby and a worker."""
+    sd = make({"jobs": job_toml("tick", type="interval", seconds=1)})
+    first = start_scheduler(make, sd)
     wait_until(first.is_active, 10, message="first scheduler active")
-    second = start_scheduler(server, sd)
+    second = start_scheduler(make, sd)
     wait_until(second.instance, 10, message="second scheduler heartbeat")
-    worker = start_worker(server, sd)
+    worker = start_worker(make, sd)
     wait_until(lambda: len(worker.runs) >= 2, 10, message="runs under the first scheduler")
+    return sd, first, second, worker
+
+
+def test_failover_to_the_standby_after_kill_9(server):
+    sd, first, second, worker = active_and_standby(server)
     assert not second.is_active()
 
     first.kill()
@@ -268,13 +274,7 @@ def test_cli_lists_jobs_and_runs_one_now(server, capsys):
 
 
 def test_a_frozen_active_scheduler_is_replaced_and_cannot_dispatch_when_thawed(server):
-    sd = server({"jobs": job_toml("tick", type="interval", seconds=1)})
-    first = start_scheduler(server, sd)
-    wait_until(first.is_active, 10, message="first scheduler active")
-    second = start_scheduler(server, sd)
-    wait_until(second.instance, 10, message="second scheduler heartbeat")
-    worker = start_worker(server, sd)
-    wait_until(lambda: len(worker.runs) >= 2, 10, message="runs under the first scheduler")
+    sd, first, second, worker = active_and_standby(server)
 
     os.kill(first.pid, signal.SIGSTOP)
     try:
