@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -11,6 +11,33 @@ if TYPE_CHECKING:
     import redis
 
     from esb.service.runtime import ServiceRuntime
+
+
+class Headers(Mapping[str, str]):
+    """Request headers looked up by name in any case (``headers["x-api-key"]``).
+
+    PERF(esb): wraps falcon's upper-cased dict as it is; nothing is copied per request.
+    """
+
+    __slots__ = ("_upper",)
+
+    def __init__(self, upper: Mapping[str, str]):
+        self._upper = upper
+
+    def __getitem__(self, name: str) -> str:
+        return self._upper[name.upper()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.upper() in self._upper
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._upper)
+
+    def __len__(self) -> int:
+        return len(self._upper)
+
+    def __repr__(self) -> str:
+        return f"Headers({dict(self._upper)!r})"
 
 
 @dataclass(frozen=True)

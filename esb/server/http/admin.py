@@ -12,6 +12,7 @@ from esb.security import BasicAuthCheck
 from esb.server.http.channels import decode_json, read_body, write_response
 from esb.server.http.errors import CID_HEADER, cid_of
 from esb.service import HttpInfo, ServiceRuntime
+from esb.service.base import Headers
 
 PING_BODY = b'{"status": "ok"}'
 
@@ -58,7 +59,7 @@ class InvokeResource:
         self.auth.require(req)
         cid = cid_of(req)
         payload = decode_json(read_body(req, self.max_body_bytes))
-        http = HttpInfo(method=req.method, path=req.path, headers=req.headers, query=req.params)
+        http = HttpInfo(method=req.method, path=req.path, headers=Headers(req.headers), query=req.params)
         response = self.runtime.invoke(service, payload, cid=cid, http=http)
         write_response(resp, response, cid, is_json=True)
 

@@ -18,6 +18,7 @@ from esb.observe import metrics
 from esb.security import ApiKeyCheck, BasicAuthCheck, CredentialCheck
 from esb.server.http.errors import CID_HEADER, cid_of
 from esb.service import HttpInfo, Response, ServiceRuntime
+from esb.service.base import Headers
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class ChannelSink:
             raise falcon.HTTPServiceUnavailable(description=f"service {service} is not deployed")
         body = read_body(req, self.max_body_bytes)
         payload = decode_json(body) if channel.is_json else body
-        http = HttpInfo(method=req.method, path=req.path, headers=headers, query=req.params)
+        http = HttpInfo(method=req.method, path=req.path, headers=Headers(headers), query=req.params)
         try:
             response = self.runtime.invoke(service, payload, cid=cid, http=http)
         except ServiceNotFound as exc:

@@ -19,7 +19,7 @@ class Inspect(Service):
             "method": http.method,
             "path": http.path,
             "query": dict(http.query),
-            "probe": http.headers.get("X-PROBE"),
+            "probe": http.headers.get("X-Probe"),
             "cid": self.cid,
             "job": self.request.job,
         }
