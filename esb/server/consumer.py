@@ -95,14 +95,29 @@ class DispatchConsumer:
                 gevent.sleep(delay_s)
                 continue
             for _stream, entries in batch or []:
-                for entry_id, fields in entries:
-                    self.submit(entry_id, fields)
+                self.submit_batch(entries)
 
-    def submit(self, entry_id: str, fields: dict[str, str]) -> None:
+    def submit_batch(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        """Check a whole read batch against the done-markers in one round trip, then run it.
+
+        PERF(esb): a scheduler fires hundreds of jobs in the same millisecond; one EXISTS
+        round trip per message delayed the start of the last service of a burst.
+        """
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for _entry_id, fields in entries:
+                pipe.exists(self.keys.done(fields.get("id", "")))
+            done_flags: list[bool | None] = [bool(flag) for flag in pipe.execute()]
+        except RedisError:
+            done_flags = [None] * len(entries)  # each message checks for itself
+        for (entry_id, fields), is_known_done in zip(entries, done_flags, strict=True):
+            self.submit(entry_id, fields, is_known_done)
+
+    def submit(self, entry_id: str, fields: dict[str, str], is_known_done: bool | None = None) -> None:
         self.inflight[entry_id] = fields.get("id", entry_id)
-        self.pool.spawn(self._process, entry_id, fields)
+        self.pool.spawn(self._process, entry_id, fields, is_known_done)
 
-    def _process(self, entry_id: str, fields: dict[str, str]) -> None:
+    def _process(self, entry_id: str, fields: dict[str, str], is_known_done: bool | None) -> None:
         try:
             try:
                 message = DispatchMessage.from_fields(fields)
@@ -110,7 +125,9 @@ class DispatchConsumer:
                 logger.error("dispatch entry %s is malformed (%s); dropping it", entry_id, exc)
                 self._ack_malformed(entry_id)
                 return
-            if is_done(self.client, self.keys, message.msg_id):
+            if is_known_done is None:
+                is_known_done = is_done(self.client, self.keys, message.msg_id)
+            if is_known_done:
                 logger.info(
                     "message %s for %s already ran; acknowledging the redelivery",
                     message.msg_id,
