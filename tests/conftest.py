@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers import Server, esb, free_port
+from tests.helpers import PrivateRedis, Server, esb, free_port
 
 REDIS_URL = os.environ.get("ESB_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get("ESB_TEST_PG_URL", "postgresql+psycopg://127.0.0.1:5432/test")
@@ -128,3 +128,11 @@ def esb_server(tmp_path: Path, cluster: str) -> Iterator:
             except ProcessLookupError:
                 pass
         server.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A Redis the test may kill and restart (not started yet: call ``.start()``)."""
+    server = PrivateRedis(tmp_path)
+    yield server
+    server.kill()

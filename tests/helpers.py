@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 import requests
 
 ESB = [sys.executable, "-m", "esb.cli"]
@@ -157,3 +159,40 @@ class Server:
             pass
         self.proc.wait(timeout=10)
         self.proc = None
+
+
+class PrivateRedis:
+    """A redis-server of one test's own, so the test may kill it without disturbing others.
+
+    ``persistent`` keeps an append-only file across restarts; without it a restart loses
+    everything, as a cache-only Redis would.
+    """
+
+    def __init__(self, directory: Path):
+        self.port = free_port()
+        self.directory = directory
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, persistent: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise AssertionError("redis-server is not installed; the fault tests need it")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--dir", str(self.directory), "--appendonly", "yes" if persistent else "no",
+             "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        probe = redis.Redis(port=self.port)
+        wait_until(probe.ping, message="private Redis answering")
+        probe.close()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None

@@ -80,10 +80,10 @@ class Launcher:
     def run(self) -> int:
         """Start everything, supervise until told to stop, stop everything; the exit code."""
         config = self.config
-        if running_launcher_pid(config) is not None:
+        running = running_launcher_pid(config)
+        if running is not None:
             raise StartError(
-                f"a server is already running in {config.directory} "
-                f"(pid {running_launcher_pid(config)}); 'esb stop' it first"
+                f"a server is already running in {config.directory} (pid {running}); 'esb stop' it first"
             )
         for directory in (config.run_dir, config.log_dir, config.pickup_dir, config.config_dir):
             directory.mkdir(parents=True, exist_ok=True)

@@ -3,62 +3,19 @@ clear error meanwhile, and everything recovers without a restart."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
-from pathlib import Path
 
-import pytest
 import redis
 import requests
 
+from tests.conftest import set_conf
 from tests.faults.test_workers import deploy_services
-from tests.helpers import free_port, wait_until
-
-
-class PrivateRedis:
-    """A redis-server of this test's own, so stopping it disturbs no other test."""
-
-    def __init__(self, directory: Path):
-        self.port = free_port()
-        self.directory = directory
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        wait_until(client.ping, message="private Redis answering")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    server = PrivateRedis(tmp_path)
-    server.start()
-    yield server
-    server.kill()
+from tests.helpers import wait_until
 
 
 def test_redis_restart_is_survived(esb_server, private_redis, tmp_path):
+    private_redis.start()
     server = esb_server(start=False)
-    from tests.conftest import set_conf
-
     set_conf(server.directory, "redis", "url", private_redis.url)
     server.start()
     deploy_services(server, tmp_path)

@@ -127,42 +127,6 @@ def test_job_survives_kill_9_of_the_scheduler(esb_server, redis_client, cluster,
     assert (due[-1] - dt.datetime.now(dt.UTC)).total_seconds() < 2
 
 
-@pytest.fixture
-def private_redis(tmp_path):
-    """A redis-server of this test's own, so the test may kill it: (url, start, kill)."""
-    import shutil
-    import subprocess
-
-    from tests.helpers import free_port
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("no redis-server binary")
-    port = free_port()
-    procs: list[subprocess.Popen] = []
-
-    def start(persistent: bool) -> None:
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--dir", str(tmp_path), "--appendonly", "yes" if persistent else "no",
-                "--appendfsync", "always"]
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        import redis as redis_py
-
-        probe = redis_py.Redis(port=port)
-        wait_until(lambda: probe.ping(), 10, message="private redis answers")
-
-    def kill() -> None:
-        procs[-1].kill()
-        procs[-1].wait(timeout=10)
-
-    yield f"redis://127.0.0.1:{port}/0", start, kill
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("persistent", [True, False], ids=["aof", "data-lost"])
 def test_scheduler_rides_out_a_redis_restart(private_redis, tmp_path, persistent):
@@ -174,18 +138,17 @@ def test_scheduler_rides_out_a_redis_restart(private_redis, tmp_path, persistent
         unique_cluster,
     )
 
-    url, start_redis, kill_redis = private_redis
-    start_redis(persistent)
-    sd = make_server_dir(tmp_path, unique_cluster(), redis_url=url,
+    private_redis.start(persistent)
+    sd = make_server_dir(tmp_path, unique_cluster(), redis_url=private_redis.url,
                          units={"jobs": job_toml("tick", type="interval", seconds=1)})
     proc = SchedulerProc(sd).start()
     worker = FakeWorker(sd).start()
     try:
         wait_until(lambda: len(worker.runs) >= 3, 15, message="runs before the outage")
         grid = parse_iso(worker.runs[0].scheduled_at)
-        kill_redis()
+        private_redis.kill()
         time.sleep(3)
-        start_redis(persistent)
+        private_redis.start(persistent)
         back_at = time.time()
         before = len(worker.runs)
         wait_until(lambda: len(worker.runs) >= before + 3, 15, message="runs after the outage")
