@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError, ResponseError
 
 from esb.bus.keys import Keys
@@ -127,13 +128,25 @@ def is_done(client: redis.Redis, keys: Keys, msg_id: str) -> bool:
     return bool(client.exists(keys.done(msg_id)))
 
 
-def finish(client: redis.Redis, keys: Keys, entry_id: str, msg_id: str, done_ttl_s: int) -> None:
-    """Remember the message as done, then acknowledge and delete its entry in one round trip.
+def queue_finished(
+    pipe: Pipeline, keys: Keys, finished: list[tuple[str, str | None]], done_ttl_s: int
+) -> None:
+    """Queue on PIPE: remember each ``(entry id, message id)`` as done, then acknowledge and
+    delete the entries. A message id of None (a malformed entry) is only acknowledged.
 
-    Deleting acknowledged entries keeps the stream holding only unfinished work.
+    One XACK and one XDEL serve the whole list; deleting acknowledged entries keeps the
+    stream holding only unfinished work.
     """
+    for _entry_id, msg_id in finished:
+        if msg_id is not None:
+            pipe.set(keys.done(msg_id), "1", ex=done_ttl_s)
+    entry_ids = [entry_id for entry_id, _msg_id in finished]
+    pipe.xack(keys.dispatch, keys.dispatch_group, *entry_ids)
+    pipe.xdel(keys.dispatch, *entry_ids)
+
+
+def finish(client: redis.Redis, keys: Keys, entry_id: str, msg_id: str, done_ttl_s: int) -> None:
+    """Remember one message as done and acknowledge it, in one transaction."""
     pipe = client.pipeline(transaction=True)
-    pipe.set(keys.done(msg_id), "1", ex=done_ttl_s)
-    pipe.xack(keys.dispatch, keys.dispatch_group, entry_id)
-    pipe.xdel(keys.dispatch, entry_id)
+    queue_finished(pipe, keys, [(entry_id, msg_id)], done_ttl_s)
     pipe.execute()

@@ -4,12 +4,43 @@ the scheduler writes next runs and misses. One Redis hash per job."""
 from __future__ import annotations
 
 import redis
+from redis.client import Pipeline
 
 from esb.bus import Keys, utc_now_iso
 
+# Count the run, record its facts, and clear the job's in-flight marker if it is still
+# this firing's: only the firing that set the marker may clear it.
+_RUN_FINISHED = """
+redis.call('HINCRBY', KEYS[1], 'runs', 1)
+redis.call('HSET', KEYS[1], 'last_run', ARGV[2], 'last_firing_id', ARGV[1],
+           'last_duration_s', ARGV[3], 'last_error', ARGV[4])
+if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[1], 'errors', 1) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+"""
 
-def job_started(client: redis.Redis, keys: Keys, job: str, firing_id: str) -> None:
-    client.hset(keys.job_state(job), mapping={"running_firing": firing_id, "running_since": utc_now_iso()})
+def queue_job_finished(
+    pipe: Pipeline,
+    keys: Keys,
+    job: str,
+    firing_id: str,
+    duration_s: float,
+    error: str | None,
+) -> None:
+    """Queue on PIPE the record of one finished run of JOB.
+
+    PERF(esb): one script call a run, so a worker writes the records of a whole burst of
+    firings in the round trip that acknowledges them.
+    """
+    pipe.eval(
+        _RUN_FINISHED,
+        2,
+        keys.job_state(job),
+        keys.job_inflight(job),
+        firing_id,
+        utc_now_iso(),
+        f"{duration_s:.6f}",
+        error or "",
+    )
 
 
 def job_finished(
@@ -20,33 +51,7 @@ def job_finished(
     duration_s: float,
     error: str | None,
 ) -> None:
-    """Count the run and clear the job's in-flight marker if it is still this firing's."""
-    pipe = client.pipeline(transaction=True)
-    state = keys.job_state(job)
-    pipe.hincrby(state, "runs", 1)
-    pipe.hset(
-        state,
-        mapping={
-            "last_run": utc_now_iso(),
-            "last_firing_id": firing_id,
-            "last_duration_s": f"{duration_s:.6f}",
-            "last_error": error or "",
-        },
-    )
-    pipe.hdel(state, "running_firing", "running_since")
-    if error:
-        pipe.hincrby(state, "errors", 1)
-    # PERF(esb): the compare-and-delete rides in the same round trip as the record.
-    pipe.eval(_CLEAR_IF_EQUAL, 1, keys.job_inflight(job), firing_id)
+    pipe = client.pipeline(transaction=False)
+    queue_job_finished(pipe, keys, job, firing_id, duration_s, error)
     pipe.execute()
 
-
-# Compare-and-delete: only the firing that set the marker may clear it.
-_CLEAR_IF_EQUAL = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-def clear_inflight(client: redis.Redis, keys: Keys, job: str, firing_id: str) -> None:
-    client.eval(_CLEAR_IF_EQUAL, 1, keys.job_inflight(job), firing_id)

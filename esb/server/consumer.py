@@ -1,9 +1,15 @@
 """A worker's consumer of the dispatch stream: read, run, acknowledge, reclaim.
 
-Three loops, each in its own greenlet: ``read_loop`` takes new messages while the pool has
-room; ``keepalive_loop`` resets the idle time of the messages this worker is running, so
-nobody reclaims them; ``reclaim_loop`` takes over messages whose worker went silent
-(killed, hung, stopped) for longer than ``reclaim_idle_s``.
+Four loops, each in its own greenlet: ``read_loop`` takes new messages while the pool has
+room; ``finish_loop`` acknowledges finished messages, together with their run records, in
+one transaction for all that finished since its last round trip; ``keepalive_loop``
+resets the idle time of the messages this worker holds, so nobody reclaims them;
+``reclaim_loop`` takes over messages whose worker went silent (killed, hung, stopped) for
+longer than ``reclaim_idle_s``.
+
+PERF(esb): a scheduler fires hundreds of jobs in the same millisecond. Round trips are
+paid per batch, never per message, so the last service of a burst starts soon after the
+first: one to read, one to check the done-markers, one to acknowledge.
 """
 
 from __future__ import annotations
@@ -11,22 +17,40 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import gevent
 import redis
+from gevent.event import Event
 from gevent.pool import Pool
+from redis.client import Pipeline
 from redis.exceptions import RedisError, ResponseError
 
 from esb.bus import DispatchMessage, Keys, ensure_group
-from esb.bus.dispatch import finish, is_done
+from esb.bus.dispatch import is_done, queue_finished
 from esb.config.server_conf import DispatchSection
 from esb.observe.outage import OutageNotice
 
 logger = logging.getLogger(__name__)
 
-# A scheduler fires many jobs in the same millisecond; read a burst in few round trips.
 READ_BATCH = 64
 BLOCK_MS = 1000
+
+# Runs a message's service; answers the error text, or None when it succeeded.
+RunMessage = Callable[[DispatchMessage], "str | None"]
+# Queues on the pipeline what a finished run leaves behind (a job's run record).
+RecordRun = Callable[[Pipeline, DispatchMessage, float, "str | None"], None]
+
+
+@dataclass
+class Finished:
+    """A message done with on this worker and not acknowledged yet."""
+
+    entry_id: str
+    message: DispatchMessage | None = None  # None: malformed, only acknowledged
+    ran: bool = False
+    duration_s: float = 0.0
+    error: str | None = None
 
 
 class DispatchConsumer:
@@ -38,7 +62,8 @@ class DispatchConsumer:
         keys: Keys,
         consumer_name: str,
         settings: DispatchSection,
-        run: Callable[[DispatchMessage], None],
+        run: RunMessage,
+        record: RecordRun | None = None,
     ):
         self.client = client
         self.reader = reader
@@ -46,11 +71,16 @@ class DispatchConsumer:
         self.consumer_name = consumer_name
         self.settings = settings
         self.run = run
+        self.record = record
         self.pool = Pool(settings.concurrency)
-        self.inflight: dict[str, str] = {}  # stream entry id -> message id
+        # Stream entry id -> message id, from reading to acknowledging.
+        self.inflight: dict[str, str] = {}
+        self.finished: list[Finished] = []
+        self._finished_added = Event()
         self.processed = 0
         self.failed = 0
         self._greenlets: list[gevent.Greenlet] = []
+        self._finisher: gevent.Greenlet | None = None
         self._running = False
 
     def start(self) -> None:
@@ -60,13 +90,18 @@ class DispatchConsumer:
             gevent.spawn(self.keepalive_loop),
             gevent.spawn(self.reclaim_loop),
         ]
+        self._finisher = gevent.spawn(self.finish_loop)
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop taking work and give running messages TIMEOUT_S to finish; the rest is
-        left pending and will be reclaimed by another worker."""
+        """Stop taking work, give running messages TIMEOUT_S to finish and acknowledge what
+        finished; the rest is left pending and will be reclaimed by another worker."""
         self._running = False
         gevent.killall(self._greenlets, block=True, timeout=2)
         self.pool.join(timeout=timeout_s)
+        self._finished_added.set()  # wake the finisher: it ends once nothing is left
+        if self._finisher is not None:
+            self._finisher.join(timeout=2)
+            self._finisher.kill(block=True, timeout=1)
 
     def read_loop(self) -> None:
         outage = OutageNotice(logger, "dispatch read")
@@ -98,11 +133,7 @@ class DispatchConsumer:
                 self.submit_batch(entries)
 
     def submit_batch(self, entries: list[tuple[str, dict[str, str]]]) -> None:
-        """Check a whole read batch against the done-markers in one round trip, then run it.
-
-        PERF(esb): a scheduler fires hundreds of jobs in the same millisecond; one EXISTS
-        round trip per message delayed the start of the last service of a burst.
-        """
+        """Check a whole read batch against the done-markers in one round trip, then run it."""
         try:
             pipe = self.client.pipeline(transaction=False)
             for _entry_id, fields in entries:
@@ -119,35 +150,91 @@ class DispatchConsumer:
 
     def _process(self, entry_id: str, fields: dict[str, str], is_known_done: bool | None) -> None:
         try:
+            message = DispatchMessage.from_fields(fields)
+        except (KeyError, ValueError) as exc:
+            logger.error("dispatch entry %s is malformed (%s); dropping it", entry_id, exc)
+            self._finish(Finished(entry_id))
+            return
+        if is_known_done is None:
             try:
-                message = DispatchMessage.from_fields(fields)
-            except (KeyError, ValueError) as exc:
-                logger.error("dispatch entry %s is malformed (%s); dropping it", entry_id, exc)
-                self._ack_malformed(entry_id)
-                return
-            if is_known_done is None:
                 is_known_done = is_done(self.client, self.keys, message.msg_id)
-            if is_known_done:
-                logger.info(
-                    "message %s for %s already ran; acknowledging the redelivery",
-                    message.msg_id,
-                    message.service,
-                )
-            else:
-                self.run(message)
-                self.processed += 1
-            finish(self.client, self.keys, entry_id, message.msg_id, self.settings.done_ttl_s)
-        except RedisError as exc:
-            # Left pending: this worker or another one takes it again once Redis answers.
-            self.failed += 1
-            logger.warning("dispatch entry %s not acknowledged (%s); it will be redelivered", entry_id, exc)
-        finally:
-            self.inflight.pop(entry_id, None)
+            except RedisError as exc:
+                self._leave_pending(entry_id, exc)
+                return
+        if is_known_done:
+            logger.info(
+                "message %s for %s already ran; acknowledging the redelivery",
+                message.msg_id,
+                message.service,
+            )
+            self._finish(Finished(entry_id, message))
+            return
+        started = time.monotonic()
+        error = self.run(message)
+        duration_s = time.monotonic() - started
+        self.processed += 1
+        self._finish(Finished(entry_id, message, ran=True, duration_s=duration_s, error=error))
 
-    def _ack_malformed(self, entry_id: str) -> None:
+    def _finish(self, finished: Finished) -> None:
+        self.finished.append(finished)
+        self._finished_added.set()
+
+    def _leave_pending(self, entry_id: str, exc: RedisError) -> None:
+        """This worker or another one takes the entry again once Redis answers."""
+        self.failed += 1
+        self.inflight.pop(entry_id, None)
+        logger.warning("dispatch entry %s not acknowledged (%s); it will be redelivered", entry_id, exc)
+
+    def finish_loop(self) -> None:
+        """Acknowledge what finished, with its run records, one transaction a round trip.
+
+        Whatever finishes while a transaction is under way goes into the next one, so a
+        burst is acknowledged in a few round trips and a lone message without delay.
+        """
+        outage = OutageNotice(logger, "dispatch acknowledgement")
+        while self._running or self.finished:
+            self._finished_added.wait()
+            self._finished_added.clear()
+            batch, self.finished = self.finished, []
+            if batch:
+                self._acknowledge(batch, outage)
+
+    def _acknowledge(self, batch: list[Finished], outage: OutageNotice) -> None:
+        """Retry while Redis is unreachable: the services ran, and running them again because
+        Redis was briefly away is what at-least-once allows but nobody wants."""
+        while True:
+            try:
+                self._write_finished(batch)
+            except ResponseError as exc:
+                # A refused command (a run record of the wrong type, say) is a fault that
+                # retrying cannot mend; an entry left unacknowledged is reclaimed later.
+                logger.error("acknowledging %d dispatch entries: %s", len(batch), exc)
+            except RedisError as exc:
+                if not self._running:
+                    for finished in batch:
+                        self._leave_pending(finished.entry_id, exc)
+                    return
+                delay_s = outage.backoff_s()
+                outage.failed(exc, delay_s)
+                gevent.sleep(delay_s)
+                continue
+            outage.succeeded()
+            for finished in batch:
+                self.inflight.pop(finished.entry_id, None)
+            return
+
+    def _write_finished(self, batch: list[Finished]) -> None:
         pipe = self.client.pipeline(transaction=True)
-        pipe.xack(self.keys.dispatch, self.keys.dispatch_group, entry_id)
-        pipe.xdel(self.keys.dispatch, entry_id)
+        if self.record is not None:
+            for finished in batch:
+                if finished.ran and finished.message is not None:
+                    self.record(pipe, finished.message, finished.duration_s, finished.error)
+        queue_finished(
+            pipe,
+            self.keys,
+            [(f.entry_id, f.message.msg_id if f.message else None) for f in batch],
+            self.settings.done_ttl_s,
+        )
         pipe.execute()
 
     def keepalive_loop(self) -> None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from typing import Any
 
 import gevent
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from esb.bus import DispatchMessage, Heartbeat, Keys, make_blocking_reader, make_redis, utc_now_iso
@@ -24,7 +24,7 @@ from esb.observe.blocking import start_block_monitor
 from esb.observe.outage import OutageNotice
 from esb.observe.status import collect_status
 from esb.odb import MODULE, UNIT, OdbStore
-from esb.scheduler.records import job_finished, job_started
+from esb.scheduler.records import queue_job_finished
 from esb.server.consumer import DispatchConsumer, consumer_name
 from esb.server.http import compile_channels, make_app
 from esb.service import JobInfo, ServiceRuntime, ServiceStore
@@ -75,6 +75,7 @@ class WorkerRuntime:
             consumer_name=consumer_name(self.host, self.pid),
             settings=config.dispatch,
             run=self.run_dispatched,
+            record=self.record_run,
         )
         self._greenlets: list[gevent.Greenlet] = []
 
@@ -161,22 +162,19 @@ class WorkerRuntime:
 
     # -- dispatched work -----------------------------------------------------------------
 
-    def run_dispatched(self, message: DispatchMessage) -> None:
-        """Run one stream message; a failing service is logged and counted, never retried."""
+    def run_dispatched(self, message: DispatchMessage) -> str | None:
+        """Run one stream message; a failing service is logged and counted, never retried.
+
+        Answers the error that ended the run, or None.
+        """
         job = JobInfo(**message.job) if message.job else None
-        if job is not None:
-            job_started(self.redis, self.keys, job.name, job.firing_id)
-        started = time.monotonic()
-        error = None
         try:
             self.services.invoke(message.service, message.payload, cid=message.cid, job=job)
-            metrics.dispatch_runs["ok"] += 1
         except ServiceNotFound as exc:
-            error = str(exc)
             metrics.dispatch_runs["error"] += 1
             logger.error("dispatched message %s dropped: %s", message.msg_id, exc, extra={"cid": message.cid})
+            return str(exc)
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
             metrics.dispatch_runs["error"] += 1
             logger.exception(
                 "service %s failed on dispatched message %s",
@@ -184,8 +182,17 @@ class WorkerRuntime:
                 message.msg_id,
                 extra={"cid": message.cid, "service": message.service},
             )
-        if job is not None:
-            job_finished(self.redis, self.keys, job.name, job.firing_id, time.monotonic() - started, error)
+            return f"{type(exc).__name__}: {exc}"
+        metrics.dispatch_runs["ok"] += 1
+        return None
+
+    def record_run(
+        self, pipe: Pipeline, message: DispatchMessage, duration_s: float, error: str | None
+    ) -> None:
+        """A scheduled job's run is recorded in the transaction that acknowledges it."""
+        if message.job:
+            job, firing = message.job["name"], message.job["firing_id"]
+            queue_job_finished(pipe, self.keys, job, firing, duration_s, error)
 
     # -- facts -------------------------------------------------------------------------
 

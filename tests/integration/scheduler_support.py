@@ -186,7 +186,6 @@ class FakeWorker:
     def _run(self, client: redis.Redis, keys: Keys, entry_id: str, msg: DispatchMessage) -> None:
         if not is_done(client, keys, msg.msg_id):
             job = msg.job or {}
-            records.job_started(client, keys, job["name"], job["firing_id"])
             self.runs.append(Run(job["name"], job["firing_id"], job["scheduled_at"], msg.payload,
                                  time.time(), msg.msg_id))
             if self.run_s:

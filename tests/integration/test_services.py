@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from esb.bus import Keys, enqueue
 from tests.helpers import Server, esb, wait_until
 from tests.integration.http_support import assert_error, deployed_server
 
@@ -46,6 +47,25 @@ def check_invoke_async(server: Server, redis_client, cluster: str) -> None:
     recorded(redis_client, many, count=len(cids))
     entries = [json.loads(e) for e in redis_client.lrange(many, 0, -1)]
     assert sorted(e["cid"] for e in entries) == sorted(cids)
+    check_burst(redis_client, cluster)
+
+
+def check_burst(redis_client, cluster: str) -> None:
+    """A burst on the stream, as a scheduler makes one, with a malformed entry in it: every
+    message runs once and is remembered as done, and the stream is left empty."""
+    keys = Keys(cluster)
+    burst = f"esb:{cluster}:test:burst"
+    cids = [f"burst-{i}" for i in range(500)]
+    ids = [enqueue(redis_client, keys, "t.record", {"key": burst}, cid=cid) for cid in cids[:250]]
+    redis_client.xadd(keys.dispatch, {"id": "no-service-field"})
+    ids += [enqueue(redis_client, keys, "t.record", {"key": burst}, cid=cid) for cid in cids[250:]]
+    recorded(redis_client, burst, count=len(cids))
+    entries = [json.loads(e) for e in redis_client.lrange(burst, 0, -1)]
+    assert sorted(e["cid"] for e in entries) == sorted(cids)
+    wait_until(lambda: redis_client.xlen(keys.dispatch) == 0
+               and redis_client.xpending(keys.dispatch, keys.dispatch_group)["pending"] == 0,
+               message="every entry of the burst acknowledged and deleted")
+    assert all(redis_client.exists(keys.done(msg_id)) for msg_id in ids)
 
 
 def check_admin_endpoints(server: Server) -> None:
