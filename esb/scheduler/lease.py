@@ -15,6 +15,8 @@ import time
 import redis
 from redis.exceptions import RedisError
 
+from esb.bus.scripts import LuaScript
+
 logger = logging.getLogger(__name__)
 
 _RENEW = """
@@ -45,8 +47,8 @@ class Lease:
         self.ttl_ms = int(ttl_s * 1000)
         self.ttl_s = ttl_s
         self._valid_until = 0.0  # time.monotonic()
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self._renew = LuaScript(client, _RENEW)
+        self._release = LuaScript(client, _RELEASE)
         self._failing = False
 
     @property

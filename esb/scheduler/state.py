@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from esb.bus import DispatchMessage, Keys
+from esb.bus.scripts import LuaScript
 from esb.scheduler.firings import epoch_ms, from_epoch_ms, iso
 
 KEEP = "-"  # "leave next_run as it is"
@@ -148,10 +149,10 @@ class JobState:
         self.client = client
         self.keys = keys
         self.instance = instance
-        self._adopt = client.register_script(_ADOPT)
-        self.dispatch_script = client.register_script(_DISPATCH)
-        self.missed_script = client.register_script(_MISSED)
-        self._set_if_active = client.register_script(_SET_IF_ACTIVE)
+        self._adopt = LuaScript(client, _ADOPT)
+        self.dispatch_script = LuaScript(client, _DISPATCH)
+        self.missed_script = LuaScript(client, _MISSED)
+        self._set_if_active = LuaScript(client, _SET_IF_ACTIVE)
 
     def adopt(
         self,
