@@ -2,11 +2,56 @@
 
 from __future__ import annotations
 
+import select
+from urllib.parse import urlsplit
+
 import redis
+from gevent import monkey
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
+
+# The operating system's poll, even in a gevent worker where select.poll is gevent's.
+_os_poll = monkey.get_original("select", "poll")
+
+
+class _QuickReadinessCheck:
+    """Answers the pool's "is anything unread on this connection?" without leaving the greenlet.
+
+    PERF(esb): the pool asks this before lending a connection, for every command. redis-py
+    asks through select.poll, which under gevent is a trip through the hub: about a third
+    of the cost of a command on loopback. A zero-timeout poll never blocks, so the
+    operating system's answers at once. Whenever bytes wait, or the parser may hold some,
+    redis-py's own check decides.
+    """
+
+    def can_read(self, timeout: float = 0) -> bool:
+        sock = self._sock
+        if timeout == 0 and sock is not None and not _parser_may_hold_data(self._parser):
+            poller = _os_poll()
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(0):
+                return False
+        return super().can_read(timeout)
+
+
+def _parser_may_hold_data(parser) -> bool:
+    reader = getattr(parser, "_reader", None)  # hiredis: replies read ahead of their caller
+    return reader is None or not hasattr(reader, "has_data") or reader.has_data()
+
+
+class TcpConnection(_QuickReadinessCheck, redis.Connection):
+    pass
+
+
+class UnixConnection(_QuickReadinessCheck, redis.UnixDomainSocketConnection):
+    pass
+
+
+# TLS keeps decrypted bytes above the socket, where poll cannot see them: rediss:// URLs
+# keep redis-py's connection class.
+_CONNECTION_CLASSES = {"redis": TcpConnection, "unix": UnixConnection}
 
 
 def make_redis(
@@ -21,8 +66,10 @@ def make_redis(
     Commands that fail on a dropped connection are retried with jittered backoff, so a Redis
     restart costs a retry, not an error, when it is quick enough.
     """
+    quick = _CONNECTION_CLASSES.get(urlsplit(url).scheme)
     pool = redis.BlockingConnectionPool.from_url(
         url,
+        **({"connection_class": quick} if quick else {}),
         max_connections=max_connections,
         timeout=socket_timeout_s,
         socket_timeout=socket_timeout_s,
