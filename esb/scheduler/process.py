@@ -9,6 +9,7 @@ and serves manual requests. Every Redis or ODB failure is retried with backoff.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -187,7 +188,12 @@ class SchedulerProcess:
                 self._deploy_noticed.clear()
                 next_poll = now + ODB_POLL_S
                 try:
-                    self.registry.refresh(force=not loaded)
+                    if self.registry.refresh(force=not loaded):
+                        # PERF(esb): a full collection walked every job and stopped all
+                        # firings for about 65 ms; the job store lives until the next
+                        # deploy, so one collection now spares the ones in between.
+                        gc.collect()
+                        gc.freeze()
                     loaded = True
                     odb_backoff.succeeded()
                 except (OdbUnavailable, RedisError) as exc:
