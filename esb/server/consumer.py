@@ -8,7 +8,7 @@ resets the idle time of the messages this worker holds, so nobody reclaims them;
 longer than ``reclaim_idle_s``.
 
 PERF(esb): a scheduler fires hundreds of jobs in the same millisecond. Round trips are
-paid per batch, never per message, so the last service of a burst starts soon after the
+paid per batch rather than per message, so the last service of a burst starts soon after the
 first: one to read, one to check the done-markers, one to acknowledge.
 """
 
@@ -82,6 +82,7 @@ class DispatchConsumer:
         self._greenlets: list[gevent.Greenlet] = []
         self._finisher: gevent.Greenlet | None = None
         self._running = False
+        self._nothing_more_to_finish = False
 
     def start(self) -> None:
         self._running = True
@@ -98,7 +99,8 @@ class DispatchConsumer:
         self._running = False
         gevent.killall(self._greenlets, block=True, timeout=2)
         self.pool.join(timeout=timeout_s)
-        self._finished_added.set()  # wake the finisher: it ends once nothing is left
+        self._nothing_more_to_finish = True
+        self._finished_added.set()  # wake the finisher: it ends once it has written the rest
         if self._finisher is not None:
             self._finisher.join(timeout=2)
             self._finisher.kill(block=True, timeout=1)
@@ -192,7 +194,7 @@ class DispatchConsumer:
         burst is acknowledged in a few round trips and a lone message without delay.
         """
         outage = OutageNotice(logger, "dispatch acknowledgement")
-        while self._running or self.finished:
+        while self.finished or not self._nothing_more_to_finish:
             self._finished_added.wait()
             self._finished_added.clear()
             batch, self.finished = self.finished, []
