@@ -18,20 +18,20 @@ if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[1], 'errors', 1) end
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 """
 
-def queue_job_finished(
-    pipe: Pipeline,
+def job_finished(
+    client: redis.Redis | Pipeline,
     keys: Keys,
     job: str,
     firing_id: str,
     duration_s: float,
     error: str | None,
 ) -> None:
-    """Queue on PIPE the record of one finished run of JOB.
+    """Record one finished run of JOB; on a pipeline, the record is queued with its commands.
 
     PERF(esb): one script call a run, so a worker writes the records of a whole burst of
     firings in the round trip that acknowledges them.
     """
-    pipe.eval(
+    client.eval(
         _RUN_FINISHED,
         2,
         keys.job_state(job),
@@ -41,17 +41,3 @@ def queue_job_finished(
         f"{duration_s:.6f}",
         error or "",
     )
-
-
-def job_finished(
-    client: redis.Redis,
-    keys: Keys,
-    job: str,
-    firing_id: str,
-    duration_s: float,
-    error: str | None,
-) -> None:
-    pipe = client.pipeline(transaction=False)
-    queue_job_finished(pipe, keys, job, firing_id, duration_s, error)
-    pipe.execute()
-

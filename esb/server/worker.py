@@ -25,7 +25,7 @@ from esb.observe.blocking import start_block_monitor
 from esb.observe.outage import OutageNotice
 from esb.observe.status import collect_status
 from esb.odb import MODULE, UNIT, OdbStore
-from esb.scheduler.records import queue_job_finished
+from esb.scheduler.records import job_finished
 from esb.server.consumer import DispatchConsumer, consumer_name
 from esb.server.http import compile_channels, make_app
 from esb.service import JobInfo, ServiceRuntime, ServiceStore
@@ -197,7 +197,7 @@ class WorkerRuntime:
         """A scheduled job's run is recorded in the transaction that acknowledges it."""
         if message.job:
             job, firing = message.job["name"], message.job["firing_id"]
-            queue_job_finished(pipe, self.keys, job, firing, duration_s, error)
+            job_finished(pipe, self.keys, job, firing, duration_s, error)
 
     # -- facts -------------------------------------------------------------------------
 
