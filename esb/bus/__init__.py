@@ -1,6 +1,6 @@
 """Redis inside esb: client factory, key names, dispatch stream, heartbeats."""
 
-from esb.bus.client import make_blocking_reader, make_redis
+from esb.bus.client import make_blocking_reader, make_redis, open_connections
 from esb.bus.dispatch import DispatchMessage, enqueue, ensure_group, new_msg_id
 from esb.bus.heartbeat import Heartbeat, parse_iso, utc_now_iso
 from esb.bus.keys import Keys
@@ -14,6 +14,7 @@ __all__ = [
     "make_blocking_reader",
     "make_redis",
     "new_msg_id",
+    "open_connections",
     "parse_iso",
     "utc_now_iso",
 ]

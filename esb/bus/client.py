@@ -93,6 +93,20 @@ def make_redis(
     return redis.Redis(connection_pool=pool)
 
 
+def open_connections(client: redis.Redis, count: int) -> int:
+    """Connect COUNT of CLIENT's pooled connections now and answer how many it opened.
+
+    A worker's first burst of dispatched work otherwise opens them all at once, each a
+    connect and a handshake, and the first services of the burst wait for them. Raises
+    RedisError when Redis cannot be reached.
+    """
+    pool = client.connection_pool
+    opened = [pool.get_connection() for _ in range(count)]
+    for connection in opened:
+        pool.release(connection)
+    return len(opened)
+
+
 def make_blocking_reader(url: str, *, block_s: float, socket_timeout_s: float = 5.0) -> redis.Redis:
     """A client for XREADGROUP ... BLOCK: it holds its connection, so it gets its own pool."""
     return make_redis(url, socket_timeout_s=block_s + socket_timeout_s, max_connections=2)

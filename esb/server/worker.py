@@ -17,7 +17,15 @@ import gevent
 from redis.client import Pipeline
 from redis.exceptions import RedisError
 
-from esb.bus import DispatchMessage, Heartbeat, Keys, make_blocking_reader, make_redis, utc_now_iso
+from esb.bus import (
+    DispatchMessage,
+    Heartbeat,
+    Keys,
+    make_blocking_reader,
+    make_redis,
+    open_connections,
+    utc_now_iso,
+)
 from esb.config import Definitions, ServerConfig, merge_units
 from esb.errors import ConfigError, OdbUnavailable, ServiceNotFound
 from esb.observe import metrics
@@ -33,6 +41,7 @@ from esb.service import JobInfo, ServiceRuntime, ServiceStore
 logger = logging.getLogger(__name__)
 
 ODB_POLL_S = 5.0
+POOL_SIZE = 64  # Redis connections of one worker
 
 
 class WorkerRuntime:
@@ -47,7 +56,9 @@ class WorkerRuntime:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.keys = Keys(config.main.cluster)
-        self.redis = make_redis(config.redis_url, socket_timeout_s=config.redis.socket_timeout_s)
+        self.redis = make_redis(
+            config.redis_url, socket_timeout_s=config.redis.socket_timeout_s, max_connections=POOL_SIZE
+        )
         self.odb = OdbStore(config.odb_url)
         self.store = ServiceStore()
         self.services = ServiceRuntime(
@@ -87,6 +98,11 @@ class WorkerRuntime:
             self.reload()
         except (OdbUnavailable, RedisError) as exc:
             logger.error("worker %d could not load its state (%s); retrying in the background", self.pid, exc)
+        try:
+            # Half the pool: the rest stays free for whatever else holds a connection.
+            open_connections(self.redis, min(self.config.dispatch.concurrency, POOL_SIZE // 2))
+        except RedisError as exc:
+            logger.warning("worker %d opens its Redis connections on first use (%s)", self.pid, exc)
         start_block_monitor(self.config.observe.block_warn_s)
         self._greenlets = [
             gevent.spawn(self.heartbeat.run_forever),
