@@ -198,9 +198,17 @@ class DispatchConsumer:
             self._finished_added.wait()
             self._finished_added.clear()
             batch, self.finished = self.finished, []
-            if batch:
+            if not batch:
+                continue
+            try:
                 self._acknowledge(batch, outage)
-                gevent.sleep(ACK_PACING_S)
+            except Exception:
+                # A fault in a run record must not end acknowledgements for good: these
+                # entries go back to the stream's pending list and are reclaimed.
+                logger.exception("acknowledging %d dispatch entries failed", len(batch))
+                for finished in batch:
+                    self.inflight.pop(finished.entry_id, None)
+            gevent.sleep(ACK_PACING_S)
 
     def _acknowledge(self, batch: list[Finished], outage: OutageNotice) -> None:
         """Retry while Redis is unreachable: the services ran, and running them again because
