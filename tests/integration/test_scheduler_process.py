@@ -167,13 +167,19 @@ def test_overlap_skip_and_wait(server):
     assert all(b.started - a.started >= 2.2 for a, b in itertools.pairwise(waiter_runs))
 
 
-def active_and_standby(make):
-    """A 1 s job, an active scheduler that has fired it twice, a standby and a worker."""
+def two_schedulers(make):
+    """A 1 s job, an active scheduler and a standby with a heartbeat."""
     sd = make({"jobs": job_toml("tick", type="interval", seconds=1)})
     first = start_scheduler(make, sd)
     wait_until(first.is_active, 10, message="first scheduler active")
     second = start_scheduler(make, sd)
     wait_until(second.instance, 10, message="second scheduler heartbeat")
+    return sd, first, second
+
+
+def active_and_standby(make):
+    """Two schedulers and a worker that ran the job twice under the active one."""
+    sd, first, second = two_schedulers(make)
     worker = start_worker(make, sd)
     wait_until(lambda: len(worker.runs) >= 2, 10, message="runs under the first scheduler")
     return sd, first, second, worker
@@ -196,11 +202,7 @@ def test_failover_to_the_standby_after_kill_9(server):
 
 
 def test_graceful_stop_hands_over_at_once(server):
-    sd = server({"jobs": job_toml("tick", type="interval", seconds=1)})
-    first = start_scheduler(server, sd)
-    wait_until(first.is_active, 10, message="first scheduler active")
-    second = start_scheduler(server, sd)
-    wait_until(second.instance, 10, message="second scheduler heartbeat")
+    _sd, first, second = two_schedulers(server)
     assert first.terminate() == 0
     stopped_at = time.monotonic()
     wait_until(second.is_active, 3, message="standby active after a graceful stop")

@@ -30,6 +30,12 @@ def env():
         client.delete(key)
 
 
+def active_state(client: redis.Redis, keys: Keys) -> JobState:
+    """The job state of scheduler "a", holding the lease."""
+    client.set(keys.scheduler_lease, "a")
+    return JobState(client, keys, "a")
+
+
 def at(seconds: float) -> dt.datetime:
     return T0 + dt.timedelta(seconds=seconds)
 
@@ -53,8 +59,7 @@ def test_only_the_lease_holder_dispatches(env):
 
 def test_a_firing_is_dispatched_once(env):
     client, keys = env
-    state = JobState(client, keys, "a")
-    client.set(keys.scheduler_lease, "a")
+    state = active_state(client, keys)
     assert dispatch(state, at(1)).kind == "dispatched"
     job_finished(client, keys, "tick", firing_id("tick", at(1)), 0.0, None)
     assert dispatch(state, at(1)).kind == "duplicate"
@@ -64,8 +69,7 @@ def test_a_firing_is_dispatched_once(env):
 
 def test_overlap_skip_counts_missed_and_wait_reports_busy(env):
     client, keys = env
-    state = JobState(client, keys, "a")
-    client.set(keys.scheduler_lease, "a")
+    state = active_state(client, keys)
     assert dispatch(state, at(1)).kind == "dispatched"
     skipped = dispatch(state, at(2))
     assert skipped.kind == "skipped" and skipped.detail == firing_id("tick", at(1))
@@ -78,8 +82,7 @@ def test_overlap_skip_counts_missed_and_wait_reports_busy(env):
 
 def test_a_marker_whose_stream_entry_is_gone_does_not_block(env):
     client, keys = env
-    state = JobState(client, keys, "a")
-    client.set(keys.scheduler_lease, "a")
+    state = active_state(client, keys)
     assert dispatch(state, at(1)).kind == "dispatched"
     # The run ended (its entry was acknowledged and deleted) but the marker stayed behind.
     entry = client.hget(keys.job_state("tick"), "inflight_entry")
@@ -89,8 +92,7 @@ def test_a_marker_whose_stream_entry_is_gone_does_not_block(env):
 
 def test_missed_firings_are_counted_once(env):
     client, keys = env
-    state = JobState(client, keys, "a")
-    client.set(keys.scheduler_lease, "a")
+    state = active_state(client, keys)
     for _ in range(2):
         rkeys, args = state.missed_args("tick", [at(1), at(2), at(3)])
         state.missed_script(keys=rkeys, args=args)
@@ -101,8 +103,7 @@ def test_missed_firings_are_counted_once(env):
 
 def test_adopt_keeps_an_unchanged_schedule_and_restarts_a_changed_one(env):
     client, keys = env
-    state = JobState(client, keys, "a")
-    client.set(keys.scheduler_lease, "a")
+    state = active_state(client, keys)
     first = state.adopt("tick", "sig1", 1, at(0), is_paused=False)
     assert first.defined_at == at(0) and first.last_scheduled is None
     dispatch(state, at(1))
@@ -128,8 +129,7 @@ def test_adopt_reseeds_a_lost_state_and_records_resumption(env):
 
 def test_no_dispatch_past_the_repeats(env):
     client, keys = env
-    state = JobState(client, keys, "a")
-    client.set(keys.scheduler_lease, "a")
+    state = active_state(client, keys)
     job = JobDef(name="tick", service="test.tick", type="interval", seconds=1, repeats=1)
 
     def fire(seconds: float):
