@@ -98,12 +98,9 @@ class WorkerRuntime:
             self.reload()
         except (OdbUnavailable, RedisError) as exc:
             logger.error("worker %d could not load its state (%s); retrying in the background", self.pid, exc)
-        try:
-            # Half the pool: the rest stays free for whatever else holds a connection.
-            open_connections(self.redis, min(self.config.dispatch.concurrency, POOL_SIZE // 2))
-        except RedisError as exc:
-            logger.warning("worker %d opens its Redis connections on first use (%s)", self.pid, exc)
         start_block_monitor(self.config.observe.block_warn_s)
+        # In the background: a Redis that does not answer must not hold up the start.
+        gevent.spawn(self._open_connections)
         self._greenlets = [
             gevent.spawn(self.heartbeat.run_forever),
             gevent.spawn(self.watch_deploys),
@@ -121,6 +118,14 @@ class WorkerRuntime:
             len(self.store.services),
             len(self.sink.table),
         )
+
+    def _open_connections(self) -> None:
+        """Half the pool, ahead of the first burst of work; the rest stays free for
+        whatever else holds a connection."""
+        try:
+            open_connections(self.redis, min(self.config.dispatch.concurrency, POOL_SIZE // 2))
+        except RedisError as exc:
+            logger.warning("worker %d opens its Redis connections on first use (%s)", self.pid, exc)
 
     def stop(self) -> None:
         self.consumer.stop(timeout_s=self.config.main.graceful_timeout / 2)
