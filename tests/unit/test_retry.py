@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from esb.observe.retry import RetryPolicy, Retrying, ensure
+from esb.observe.retry import Retrying, RetryPolicy, ensure
 
 
 def test_intervals_step_up_to_the_ceiling():
