@@ -18,6 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_or_exit(args.directory)
+    for sentence in config.deprecations:
+        print(f"esb: warning: {sentence}", file=sys.stderr)
     units = [
         (str(path.relative_to(config.directory)), path.read_text(encoding="utf-8"))
         for path in sorted(config.config_dir.glob("*.toml"))

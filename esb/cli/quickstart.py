@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             "host": args.host,
             "port": args.port,
             "workers": args.workers,
-            "timeout": args.timeout,
+            "timeout_s": args.timeout,
         },
         "odb": {"url": args.odb or "sqlite:///odb.sqlite"},
         "redis": {"url": args.redis or "embedded"},

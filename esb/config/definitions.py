@@ -7,6 +7,7 @@ objects it defined. Errors name the file, the key (``channel.http[0].path``) and
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import tomllib
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from esb.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 _ENV_REF = re.compile(r"\$ENV\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _TOML_POSITION = re.compile(r"at line (\d+)")
@@ -89,7 +92,7 @@ class SqlNotificationDef:
     outconn: str
     query: str
     service: str
-    interval: float = 5.0
+    interval_s: float = field(default=5.0, metadata={"old_name": "interval"})
 
 
 @dataclass(frozen=True)
@@ -206,17 +209,24 @@ def _build(cls: type, table: Any, file: str, where: str, environ: Mapping[str, s
     if not isinstance(table, dict):
         raise ConfigError(file, where, "must be a table")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    old_names = {f.metadata["old_name"]: f.name for f in fields.values() if f.metadata.get("old_name")}
     for key in table:
-        if key not in fields:
+        if key not in fields and key not in old_names:
             raise ConfigError(file, f"{where}.{key}", "unknown key")
+    for old, new in old_names.items():
+        if old in table:
+            if new in table:
+                raise ConfigError(file, f"{where}.{old}", f"is the old name of {new}; give only {new}")
+            logger.warning("%s: %s.%s is deprecated; call it %s", file, where, old, new)
     kwargs = {}
     for name, f in fields.items():
         key = f"{where}.{name}"
-        if name not in table:
+        old = f.metadata.get("old_name")
+        if name not in table and old not in table:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(file, key, "is required")
             continue
-        value = table[name]
+        value = table[name] if name in table else table[old]
         if isinstance(value, str):
             value = _resolve_or_check(value, file, key, environ)
         try:
@@ -320,7 +330,7 @@ _CHECKS = {
     ApiKeyDef: _check_name,
     JobDef: _check_job,
     SqlOutconnDef: _check_positive("pool_size"),
-    SqlNotificationDef: _check_positive("interval"),
+    SqlNotificationDef: _check_positive("interval_s"),
     AmqpOutconnDef: _check_positive("pool_size"),
 }
 

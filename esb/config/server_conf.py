@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from esb.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 SERVER_CONF = "server.conf"
 EMBEDDED = "embedded"
 
 
-def _key(default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"doc": doc})
+def _key(default: Any, doc: str, *, old_name: str | None = None) -> Any:
+    """Declare one key; OLD_NAME is a name it had before and that is still read, with a warning."""
+    return field(default=default, metadata={"doc": doc, "old_name": old_name})
 
 
 @dataclass(frozen=True)
@@ -30,8 +35,12 @@ class MainSection:
     host: str = _key("127.0.0.1", "Address the HTTP listener binds to.")
     port: int = _key(17010, "Port the HTTP listener binds to.")
     workers: int = _key(2, "Number of gevent worker processes.")
-    timeout: int = _key(30, "Seconds a silent worker lives before the arbiter kills it.")
-    graceful_timeout: int = _key(10, "Seconds a worker gets to finish requests on stop.")
+    timeout_s: int = _key(
+        30, "Seconds a silent worker lives before the arbiter kills it.", old_name="timeout"
+    )
+    graceful_timeout_s: int = _key(
+        10, "Seconds a worker gets to finish requests on stop.", old_name="graceful_timeout"
+    )
     worker_connections: int = _key(1000, "Concurrent connections one worker accepts.")
 
 
@@ -117,6 +126,8 @@ class ServerConfig:
     observe: ObserveSection
     scheduler: SchedulerSection
     logging: LoggingSection
+    # One sentence per deprecated key name the file or environment used.
+    deprecations: tuple[str, ...] = ()
 
     @property
     def is_redis_embedded(self) -> bool:
@@ -208,26 +219,55 @@ def load_server_config(directory: str | os.PathLike, environ: dict[str, str] | N
     for section in parser.sections():
         if section not in SECTIONS:
             raise ConfigError(file, f"[{section}]", "unknown section")
-        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        declared = dataclasses.fields(SECTIONS[section])
+        known = {f.name for f in declared} | {f.metadata["old_name"] for f in declared}
         for key in parser[section]:
             if key not in known:
                 raise ConfigError(file, f"{section}.{key}", "unknown key")
 
     values: dict[str, Any] = {}
+    deprecations: list[str] = []
     for section, section_cls in SECTIONS.items():
         kwargs = {}
         for f in dataclasses.fields(section_cls):
             key = f"{section}.{f.name}"
-            env_name = f"ESB_{section}_{f.name}".upper()
-            if env_name in environ:
-                kwargs[f.name] = _convert(env_name, key, environ[env_name], _TYPES[f.type])
-            elif parser.has_option(section, f.name):
-                raw = parser.get(section, f.name)
-                kwargs[f.name] = _convert(file, key, raw, _TYPES[f.type])
+            found = _find_value(parser, environ, file, section, f.name, f.metadata["old_name"])
+            if found is None:
+                continue
+            where, name, raw = found
+            if name != f.name:
+                deprecations.append(f"{where}: {section}.{name} is deprecated; call it {key}")
+            kwargs[f.name] = _convert(where, key, raw, _TYPES[f.type])
         values[section] = section_cls(**kwargs)
-    config = ServerConfig(directory=directory, **values)
+    config = ServerConfig(directory=directory, **values, deprecations=tuple(deprecations))
     _validate(config, file)
+    for sentence in deprecations:
+        logger.warning("%s", sentence)
     return config
+
+
+def _find_value(
+    parser: configparser.ConfigParser,
+    environ: Mapping[str, str],
+    file: str,
+    section: str,
+    name: str,
+    old_name: str | None,
+) -> tuple[str, str, str] | None:
+    """Where a key's value comes from, under which name, and the raw text; None: the default.
+
+    The environment wins over the file, and a key's current name over its old one.
+    """
+    for candidate in (name, old_name):
+        if candidate is None:
+            continue
+        env_name = f"ESB_{section}_{candidate}".upper()
+        if env_name in environ:
+            return env_name, candidate, environ[env_name]
+    for candidate in (name, old_name):
+        if candidate is not None and parser.has_option(section, candidate):
+            return file, candidate, parser.get(section, candidate)
+    return None
 
 
 def _validate(config: ServerConfig, file: str) -> None:
@@ -237,7 +277,8 @@ def _validate(config: ServerConfig, file: str) -> None:
 
     need(1 <= config.main.port <= 65535, "main.port", "must be between 1 and 65535")
     need(config.main.workers >= 1, "main.workers", "must be at least 1")
-    need(config.main.timeout >= 2, "main.timeout", "must be at least 2 seconds")
+    need(config.main.timeout_s >= 2, "main.timeout_s", "must be at least 2 seconds")
+    need(config.main.graceful_timeout_s >= 1, "main.graceful_timeout_s", "must be at least 1 second")
     need(bool(config.main.cluster.strip()), "main.cluster", "must not be empty")
     need(":" not in config.main.cluster, "main.cluster", "must not contain ':'")
     need("://" in config.odb.url, "odb.url", "must be an SQLAlchemy URL")
@@ -292,6 +333,8 @@ def render_example() -> str:
         out.append(f"[{section}]")
         for f in dataclasses.fields(section_cls):
             out.append(f"# {f.metadata['doc']}")
+            if f.metadata["old_name"]:
+                out.append(f"# (formerly '{f.metadata['old_name']}', still read with a warning)")
             default = f.default
             if isinstance(default, bool):
                 default = str(default).lower()

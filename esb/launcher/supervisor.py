@@ -215,7 +215,7 @@ class Launcher:
     def stop_all(self) -> None:
         """Stop in reverse order of need: pickup and scheduler, then the arbiter (graceful),
         then Redis, which the others use until they are gone."""
-        grace_s = self.config.main.graceful_timeout + 5
+        grace_s = self.config.main.graceful_timeout_s + 5
         self._stop_group([c for c in self.children if c.name != "arbiter"], 10)
         self._stop_group([c for c in self.children if c.name == "arbiter"], grace_s)
         if self.redis_child:

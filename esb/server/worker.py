@@ -128,7 +128,7 @@ class WorkerRuntime:
             logger.warning("worker %d opens its Redis connections on first use (%s)", self.pid, exc)
 
     def stop(self) -> None:
-        self.consumer.stop(timeout_s=self.config.main.graceful_timeout / 2)
+        self.consumer.stop(timeout_s=self.config.main.graceful_timeout_s / 2)
         gevent.killall(self._greenlets, block=True, timeout=2)
         self.heartbeat.stop()
 

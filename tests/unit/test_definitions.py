@@ -106,3 +106,22 @@ def test_references_and_paths_are_checked_across_units():
         merge_units([("a.toml", channel("one", "/same")), ("b.toml", channel("two", "/same"))],
                     environ=ENVIRON)
     assert str(caught.value) == "b.toml: channel.http.two.path: path /same is already used by channel one"
+
+
+def test_a_notification_interval_under_its_old_name_is_read_with_a_warning(caplog):
+    text = """
+[[outconn.sql]]
+name = "db"
+url = "sqlite://"
+
+[[notification.sql]]
+name = "n"
+outconn = "db"
+query = "SELECT 1"
+service = "s"
+interval = 3
+"""
+    with caplog.at_level("WARNING", logger="esb.config.definitions"):
+        definitions = merge_units([("old.toml", text)], environ={})
+    assert definitions.of("notification.sql")["n"].interval_s == 3.0
+    assert "notification.sql[0].interval is deprecated; call it interval_s" in caplog.text

@@ -21,7 +21,7 @@ BAD = [
     ("[main]\nport = 65536\n" + GOOD, "main.port: must be between 1 and 65535"),
     ("[main]\nport = -1\n" + GOOD, "main.port: must be between 1 and 65535"),
     ("[main]\nworkers = 0\n" + GOOD, "main.workers: must be at least 1"),
-    ("[main]\ntimeout = 1\n" + GOOD, "main.timeout: must be at least 2 seconds"),
+    ("[main]\ntimeout_s = 1\n" + GOOD, "main.timeout_s: must be at least 2 seconds"),
     ("[main]\ncluster = a:b\n" + GOOD, "main.cluster: must not contain ':'"),
     ("[odb]\nurl = odb.sqlite\n" + GOOD, "odb.url: must be an SQLAlchemy URL"),
     ("[redis]\nurl = http://127.0.0.1:6379\n" + GOOD, "redis.url: must be 'embedded' or a redis://"),
@@ -87,3 +87,21 @@ def test_good_server_conf_fills_defaults(tmp_path: Path):
     assert config.http.max_body_bytes == 10 * 1024 * 1024
     assert config.is_redis_embedded and config.redis_url.startswith("unix://")
     assert config.odb_url == f"sqlite:///{tmp_path.resolve()}/odb.sqlite"
+
+
+def test_a_deprecated_key_name_is_read_with_a_warning(tmp_path, caplog):
+    (tmp_path / "server.conf").write_text(
+        "[main]\ntimeout = 12\ngraceful_timeout = 4\n[admin]\npassword = x\n", encoding="utf-8"
+    )
+    with caplog.at_level("WARNING", logger="esb.config.server_conf"):
+        config = load_server_config(tmp_path, environ={})
+    assert (config.main.timeout_s, config.main.graceful_timeout_s) == (12, 4)
+    assert any("main.timeout is deprecated; call it main.timeout_s" in d for d in config.deprecations)
+    assert "main.graceful_timeout is deprecated" in caplog.text
+
+
+def test_the_environment_may_still_use_a_deprecated_name(tmp_path):
+    (tmp_path / "server.conf").write_text("[admin]\npassword = x\n", encoding="utf-8")
+    config = load_server_config(tmp_path, environ={"ESB_MAIN_TIMEOUT": "9"})
+    assert config.main.timeout_s == 9
+    assert config.deprecations == ("ESB_MAIN_TIMEOUT: main.timeout is deprecated; call it main.timeout_s",)
