@@ -42,7 +42,7 @@ def esb_app(directory: Path):
     store = ServiceStore()
     store.rebuild([("demo", 1, (SERVICES / "demo.py").read_text())])
     runtime = ServiceRuntime(store, None, Keys("appcost"))
-    app, sink = make_app(config, runtime, collect_status=dict, render_metrics=str)
+    app, sink = make_app(config, runtime, collect_status=dict, render_metrics=bytes)
     sink.table = compile_channels(merge_units([("demo", (SERVICES / "demo.toml").read_text())]))
     return app
 
