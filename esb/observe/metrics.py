@@ -11,7 +11,10 @@ histogram observation (a lock and an mmap write each), more than the 1 µs that 
 add to a request. So the request path only adds to the plain lists below (no locks under
 gevent), and ``Publisher.flush`` hands what was counted since the last flush to the
 library, once a second and when the worker stops. A worker killed with -9 loses at most its
-last second of counts; a graceful stop loses nothing. Measured cost in ``bench/app_cost.py``.
+last second of counts; a graceful stop loses nothing. Measured with ``bench/app_cost.py``
+("metrics alone"): 0.6 µs a request, of which the four clock reads (request and service
+duration) are 0.35 µs. The flush costs about 10 µs a label value (150 µs for 5 channels,
+10 services and the dispatch delay), once a second, in the background.
 
 prometheus_client picks its mode from ``PROMETHEUS_MULTIPROC_DIR`` when it is first
 imported, so it is imported only inside the functions below, never at the import of this
