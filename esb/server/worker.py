@@ -103,7 +103,7 @@ class WorkerRuntime:
         start_block_monitor(self.config.observe.block_warn_s)
         try:
             self.publisher = metrics.Publisher()
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:
             logger.error("worker %d publishes no metrics: %s", self.pid, exc)
         # In the background: a Redis that does not answer must not hold up the start.
         gevent.spawn(self._open_connections)
