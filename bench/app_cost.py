@@ -4,6 +4,10 @@ No network, no gunicorn, no Redis: both WSGI apps are called in-process with the
 prepared environ, so the difference is exactly what esb's channel path adds (cid,
 channel lookup, body limit, Service object, response header). A profiling aid beside
 `make bench`, whose end-to-end ratio also counts gunicorn's and gevent's fixed cost.
+It also measures what the metrics add to a request: esb's app with and without the
+counting wrapper a worker puts around it, and the recording alone (the wrapper, the
+sink's channel mark and ServiceRuntime.invoke's timing, around an app that does nothing
+else), whose budget is 1 us.
 Usage:
 
     python bench/app_cost.py [--requests 50000]
@@ -17,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from time import perf_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -25,6 +30,7 @@ import bare_app  # noqa: E402
 from esb.bus import Keys  # noqa: E402
 from esb.config import load_server_config, merge_units  # noqa: E402
 from esb.config.server_conf import SERVER_CONF, write_server_conf  # noqa: E402
+from esb.observe import metrics  # noqa: E402
 from esb.server.http import compile_channels, make_app  # noqa: E402
 from esb.service import ServiceRuntime, ServiceStore  # noqa: E402
 
@@ -42,7 +48,7 @@ def esb_app(directory: Path):
     store = ServiceStore()
     store.rebuild([("demo", 1, (SERVICES / "demo.py").read_text())])
     runtime = ServiceRuntime(store, None, Keys("appcost"))
-    app, sink = make_app(config, runtime, collect_status=dict, render_metrics=str)
+    app, sink = make_app(config, runtime, collect_status=dict, render_metrics=bytes)
     sink.table = compile_channels(merge_units([("demo", (SERVICES / "demo.toml").read_text())]))
     return app
 
@@ -65,6 +71,35 @@ def environ() -> dict:
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
     }
+
+
+def recording_us(requests: int) -> float:
+    """Microseconds that recording the metrics adds to one request, measured alone."""
+
+    def nothing(environ, start_response):
+        return ()
+
+    def recorded(environ, start_response):
+        # What the channel sink and ServiceRuntime.invoke do for metrics, and nothing else.
+        environ[metrics.CHANNEL_KEY] = "demo-echo"
+        started = perf_counter()
+        metrics.observe_service("demo.echo", perf_counter() - started)
+        return ()
+
+    def loop_us(app) -> float:
+        # The best of many short windows: under a figure this small, another process taking
+        # the CPU for a moment would otherwise be most of what is measured.
+        env = environ()
+        chunk = max(requests // 10, 1)
+        best = float("inf")
+        for _ in range(20):
+            started = time.perf_counter()
+            for _ in range(chunk):
+                app(env, None)
+            best = min(best, (time.perf_counter() - started) / chunk)
+        return best * 1e6
+
+    return loop_us(metrics.counting(recorded)) - loop_us(nothing)
 
 
 def per_request_us(app, requests: int) -> float:
@@ -101,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     bare = bare_app.make_app()
     bare_us = per_request_us(bare, args.requests)
     esb_us = per_request_us(esb, args.requests)
+    counted_us = per_request_us(metrics.counting(esb), args.requests)
     print(f"bare falcon app: {bare_us:6.1f} us per request (best of 5)")
     print(f"esb app:         {esb_us:6.1f} us per request (best of 5)")
     print(f"esb adds:        {esb_us - bare_us:6.1f} us per request")
+    print(f"esb app counted: {counted_us:6.1f} us per request, as a worker runs it (metrics.counting)")
+    print(f"metrics alone:   {recording_us(args.requests):6.2f} us per request (best of 20, budget 1 us)")
     return 0
 
 

@@ -25,6 +25,7 @@ from esb.config import ServerConfig
 from esb.deploy import Deployer
 from esb.errors import ConfigError, DeployError, EsbError
 from esb.launcher.children import Child, embedded_redis, pid_is_running, python_child
+from esb.observe import metrics
 from esb.odb import OdbStore
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class Launcher:
             self.wait_for_redis()
         self.prepare_odb()
         if "server" in self.roles:
+            metrics.empty_directory(config.run_dir)  # this start counts from zero
             self.children.append(python_child("arbiter", "esb.server", config, is_essential=True))
         if "scheduler" in self.roles and config.scheduler.enabled:
             self.children.append(python_child("scheduler", "esb.scheduler", config))

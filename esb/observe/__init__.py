@@ -1,7 +1,7 @@
 """Observability: logging, run context, outage notices, metrics, status, the loop-block monitor.
 
-Only the low-level pieces are exported here; ``esb.observe.status`` and
-``esb.observe.metrics`` read Redis through ``esb.bus`` and are imported by path.
+Only the low-level pieces are exported here; ``esb.observe.status`` reads Redis through
+``esb.bus``, and ``esb.observe.metrics`` is imported by path.
 """
 
 from esb.observe.context import ContextFilter, current_call, running_calls

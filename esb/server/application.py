@@ -9,7 +9,7 @@ from gunicorn.app.base import BaseApplication
 
 from esb.bus import Keys, make_redis
 from esb.config import ServerConfig, load_server_config
-from esb.observe import setup_logging
+from esb.observe import metrics, setup_logging
 from esb.server import hooks
 
 
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     config = load_server_config(argv[0])
     setup_logging(config.log_dir / "server.log", level=config.logging.level, as_json=config.logging.json)
+    metrics.use_directory(config.run_dir)  # before anything imports prometheus_client
     # gunicorn parses sys.argv in places; keep it from seeing ours.
     sys.argv = [sys.argv[0]]
     EsbApplication(config).run()

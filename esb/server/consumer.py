@@ -82,8 +82,6 @@ class DispatchConsumer:
         self.inflight: dict[str, str] = {}
         self.finished: list[Finished] = []
         self._finished_added = Event()
-        self.processed = 0
-        self.failed = 0
         self._greenlets: list[gevent.Greenlet] = []
         self._finisher: gevent.Greenlet | None = None
         self._running = False
@@ -173,7 +171,6 @@ class DispatchConsumer:
         started = time.monotonic()
         error = self.run(message)
         duration_s = time.monotonic() - started
-        self.processed += 1
         self._finish(Finished(entry_id, message, ran=True, duration_s=duration_s, error=error))
 
     def _finish(self, finished: Finished) -> None:
@@ -182,7 +179,6 @@ class DispatchConsumer:
 
     def _leave_pending(self, entry_id: str, exc: RedisError) -> None:
         """This worker or another one takes the entry again once Redis answers."""
-        self.failed += 1
         self.inflight.pop(entry_id, None)
         logger.warning("dispatch entry %s not acknowledged (%s); it will be redelivered", entry_id, exc)
 

@@ -8,6 +8,7 @@ import socket
 
 from redis.exceptions import RedisError
 
+from esb.observe import metrics
 from esb.observe.blocking import log_abort_stack
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,11 @@ def worker_exit(server, worker) -> None:
 
 def child_exit(server, worker) -> None:
     """In the arbiter: a worker died, however. Remove its heartbeat so status drops it now
-    instead of when the key expires."""
+    instead of when the key expires, and its live gauge from the metrics (its counts stay)."""
+    try:
+        metrics.process_dead(worker.pid)
+    except OSError as exc:
+        logger.warning("worker %d exited; could not remove its live metrics (%s)", worker.pid, exc)
     try:
         client = server.app.arbiter_redis()
         client.delete(server.app.keys.worker_heartbeat(socket.gethostname(), worker.pid))

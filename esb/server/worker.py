@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import gevent
@@ -24,6 +25,7 @@ from esb.bus import (
     make_blocking_reader,
     make_redis,
     open_connections,
+    parse_iso,
     utc_now_iso,
 )
 from esb.config import Definitions, ServerConfig, merge_units
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 ODB_POLL_S = 5.0
 POOL_SIZE = 64  # Redis connections of one worker
+METRICS_FLUSH_S = 1.0  # how often counts go from memory to prometheus_client
 
 
 class WorkerRuntime:
@@ -67,12 +70,11 @@ class WorkerRuntime:
         self.definitions = Definitions(objects={}, unit_of={})
         self.generation = -1
         self.started_at = utc_now_iso()
-        self.app, self.sink = make_app(
-            config,
-            self.services,
-            collect_status=self.status,
-            render_metrics=lambda: metrics.render(self.redis, self.keys),
+        app, self.sink = make_app(
+            config, self.services, collect_status=self.status, render_metrics=self.render_metrics
         )
+        self.app = metrics.counting(app)
+        self.publisher: metrics.Publisher | None = None
         self.heartbeat = Heartbeat(
             self.redis,
             self.keys.worker_heartbeat(self.host, self.pid),
@@ -99,12 +101,17 @@ class WorkerRuntime:
         except (OdbUnavailable, RedisError) as exc:
             logger.error("worker %d could not load its state (%s); retrying in the background", self.pid, exc)
         start_block_monitor(self.config.observe.block_warn_s)
+        try:
+            self.publisher = metrics.Publisher()
+        except (RuntimeError, OSError) as exc:
+            logger.error("worker %d publishes no metrics: %s", self.pid, exc)
         # In the background: a Redis that does not answer must not hold up the start.
         gevent.spawn(self._open_connections)
         self._greenlets = [
             gevent.spawn(self.heartbeat.run_forever),
             gevent.spawn(self.watch_deploys),
             gevent.spawn(self.poll_odb),
+            gevent.spawn(self.publish_metrics),
         ]
         self.consumer.start()
         # PERF(esb): a full collection walked every module, class and definition the worker
@@ -130,6 +137,7 @@ class WorkerRuntime:
     def stop(self) -> None:
         self.consumer.stop(timeout_s=self.config.main.graceful_timeout_s / 2)
         gevent.killall(self._greenlets, block=True, timeout=2)
+        self.flush_metrics()  # what was counted since the last flush, the stop's runs included
         self.heartbeat.stop()
 
     # -- state -------------------------------------------------------------------------
@@ -186,6 +194,27 @@ class WorkerRuntime:
         except OdbUnavailable as exc:
             logger.warning("ODB unavailable (%s); keeping generation %d", exc, self.generation)
 
+    # -- metrics -------------------------------------------------------------------------
+
+    def publish_metrics(self) -> None:
+        while True:
+            gevent.sleep(METRICS_FLUSH_S)
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        if self.publisher is None:
+            return
+        try:
+            self.publisher.flush()
+        except Exception:
+            # An mmap write can fail (a full disk); the counts taken are lost, not the loop.
+            logger.exception("worker %d: metrics of the last %.0f s dropped", self.pid, METRICS_FLUSH_S)
+
+    def render_metrics(self) -> bytes:
+        """/metrics: this worker's own counts flushed first, so a scrape sees them at once."""
+        self.flush_metrics()
+        return metrics.render()
+
     # -- dispatched work -----------------------------------------------------------------
 
     def run_dispatched(self, message: DispatchMessage) -> str | None:
@@ -194,6 +223,7 @@ class WorkerRuntime:
         Answers the error that ended the run, or None.
         """
         job = JobInfo(**message.job) if message.job else None
+        self._observe_delays(message, job)
         try:
             self.services.invoke(message.service, message.payload, cid=message.cid, job=job)
         except ServiceNotFound as exc:
@@ -211,6 +241,21 @@ class WorkerRuntime:
             return f"{type(exc).__name__}: {exc}"
         metrics.dispatch_runs["ok"] += 1
         return None
+
+    @staticmethod
+    def _observe_delays(message: DispatchMessage, job: JobInfo | None) -> None:
+        """Enqueueing to now, and for a firing its due time to now (clocks of other hosts
+        may run ahead: a negative delay counts as none)."""
+        now = time.time()
+        if message.enqueued_at:
+            metrics.observe_dispatch_delay(max(now - message.enqueued_at, 0.0))
+        if job is not None:
+            try:
+                due = parse_iso(job.scheduled_at)
+            except ValueError:
+                due = None
+            if due is not None:
+                metrics.observe_firing_delay(max(now - due.timestamp(), 0.0))
 
     def record_run(
         self, pipe: Pipeline, message: DispatchMessage, duration_s: float, error: str | None
@@ -230,7 +275,6 @@ class WorkerRuntime:
             "started_at": self.started_at,
             "generation": str(self.generation),
             "inflight": str(len(self.consumer.inflight)),
-            "metrics": metrics.snapshot(),
         }
 
     def status(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from time import perf_counter
 from typing import Any
 
 import redis
@@ -10,6 +11,7 @@ from munch import Munch
 
 from esb.bus import Keys, enqueue
 from esb.errors import ServiceNotFound
+from esb.observe import metrics
 from esb.observe.context import running_calls
 from esb.service.base import HttpInfo, JobInfo, Request, Response
 from esb.service.loader import ServiceStore
@@ -45,8 +47,12 @@ class ServiceRuntime:
             raise ServiceNotFound(name)
         request = Request(payload={} if payload is None else payload, http=http, job=job)
         service = cls(self, request, cid)
-        with running_calls.track(name, cid):
-            service.handle()
+        started = perf_counter()
+        try:
+            with running_calls.track(name, cid):
+                service.handle()
+        finally:
+            metrics.observe_service(name, perf_counter() - started)
         return service.response
 
     def invoke_async(self, name: str, payload: Any, *, cid: str) -> str:

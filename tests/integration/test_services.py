@@ -5,18 +5,20 @@ API, `esb invoke` and /metrics."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from esb.bus import Keys, enqueue
 from tests.helpers import Server, esb, wait_until
 from tests.integration.http_support import assert_error, deployed_server
 
 
-def test_invoke_async_admin_api_and_metrics(esb_server, odb_url, monkeypatch, redis_client, cluster):
+def test_invoke_async_admin_api_and_metrics(esb_server, odb_url, monkeypatch, redis_client, cluster,
+                                            tmp_path):
     server = deployed_server(esb_server, odb_url, monkeypatch)
     check_invoke_async(server, redis_client, cluster)
     check_admin_endpoints(server)
     check_esb_invoke(server)
-    check_metrics(server)
+    check_metrics(server, tmp_path)
 
 
 def recorded(redis_client, key: str, count: int = 1) -> list[dict]:
@@ -125,23 +127,47 @@ def check_esb_invoke(server: Server) -> None:
     assert not_json.returncode != 0 and "not JSON" in not_json.stderr
 
 
-def check_metrics(server: Server) -> None:
+def check_metrics(server: Server, tmp_path: Path) -> None:
     assert_error(server.session.get(server.url("/metrics"), timeout=10), 401)
     for _ in range(3):
         server.post("/demo/echo", {})
     server.post("/nowhere", {})
+    # A job firing every second: the workers observe its firing delay.
+    job = tmp_path / "metrics-tick.toml"
+    job.write_text(
+        '[[scheduler.job]]\nname = "t-metrics-tick"\nservice = "demo.echo"\ntype = "interval"\nseconds = 1\n'
+    )
+    assert server.deploy(job).returncode == 0
 
-    def scraped() -> str | None:
+    def scraped() -> dict[str, float] | None:
         answer = server.session.get(server.url("/metrics"), headers=server.admin_headers(), timeout=10)
         assert answer.status_code == 200, answer.text
         assert answer.headers["Content-Type"].startswith("text/plain")
         text = answer.text
-        return text if 'esb_http_requests_total{channel="demo-echo"}' in text and "404" in text else None
+        for line in text.splitlines():
+            assert line.startswith("#") or len(line.rsplit(" ", 1)) == 2, line
+        values = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+        assert "# TYPE esb_http_requests_total counter" in text
+        ready = (
+            values.get('esb_http_requests_total{channel="demo-echo"}', 0) >= 3
+            and values.get('esb_http_errors_total{status="404"}', 0) >= 1
+            and values.get("esb_job_firing_delay_seconds_count", 0) >= 1
+        )
+        return values if ready else None
 
-    text = wait_until(scraped, message="/metrics counting the requests")
-    assert "# TYPE esb_http_requests_total counter" in text
-    assert "esb_workers 2" in text
-    for line in text.splitlines():
-        assert line.startswith("#") or len(line.rsplit(" ", 1)) == 2, line
-        if not line.startswith("#"):
-            float(line.rsplit(" ", 1)[1])
+    values = wait_until(scraped, timeout_s=30, message="/metrics counting the requests and the firing")
+    assert values["esb_workers"] == 2
+    # Every histogram has observations: requests by channel, services, dispatch and firings.
+    assert values['esb_http_request_duration_seconds_count{channel="demo-echo"}'] >= 3
+    assert values['esb_http_request_duration_seconds_bucket{channel="demo-echo",le="+Inf"}'] >= 3
+    assert values['esb_http_request_duration_seconds_sum{channel="demo-echo"}'] > 0
+    assert values['esb_service_duration_seconds_count{service="demo.echo"}'] >= 3
+    # t.record ran for each invoke_async of check_invoke_async, through the dispatch stream.
+    assert values['esb_service_duration_seconds_count{service="t.record"}'] >= 500
+    assert values["esb_dispatch_delay_seconds_count"] >= 500
+    assert values['esb_dispatch_runs_total{outcome="ok"}'] >= 500
+    assert values["esb_job_firing_delay_seconds_count"] >= 1

@@ -65,15 +65,15 @@ class InvokeResource:
 
 
 class MetricsResource:
-    """Prometheus text format, summed over the live workers of the cluster."""
+    """Prometheus text format, summed over every worker of this server."""
 
-    def __init__(self, auth: AdminAuth | None, render: Callable[[], str]):
+    def __init__(self, auth: AdminAuth | None, render: Callable[[], bytes]):
         self.auth = auth
         self.render = render
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         if self.auth is not None:
             self.auth.require(req)
-        resp.text = self.render()
+        resp.data = self.render()
         resp.content_type = "text/plain; version=0.0.4"
         resp.set_header(CID_HEADER, cid_of(req))

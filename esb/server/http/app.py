@@ -26,7 +26,7 @@ def make_app(
     runtime: ServiceRuntime,
     *,
     collect_status: Callable[[], dict[str, Any]],
-    render_metrics: Callable[[], str],
+    render_metrics: Callable[[], bytes],
 ) -> tuple[falcon.App, ChannelSink]:
     """Build the app and return it with its channel sink, whose table the worker swaps."""
     app = falcon.App()

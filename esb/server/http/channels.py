@@ -106,7 +106,7 @@ class ChannelSink:
         if channel is None:
             raise falcon.HTTPNotFound(description=f"no channel at {req.path}")
         cid = cid_of(req)
-        metrics.http_requests[channel.definition.name] += 1
+        req.env[metrics.CHANNEL_KEY] = channel.definition.name  # counted by metrics.counting
         if req.method not in channel.methods:
             raise falcon.HTTPMethodNotAllowed(
                 sorted(channel.methods), description=f"{req.method} is not allowed here"
