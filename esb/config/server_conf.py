@@ -55,6 +55,9 @@ class RedisSection:
 @dataclass(frozen=True)
 class HttpSection:
     max_body_bytes: int = _key(10 * 1024 * 1024, "Largest request body accepted; larger is 413.")
+    body_timeout_s: float = _key(
+        30.0, "Seconds a request body may take to arrive; slower is 408 and the connection closed."
+    )
     metrics_auth: str = _key("admin", "Who may read /metrics: 'admin' or 'none'.")
 
 
@@ -247,6 +250,7 @@ def _validate(config: ServerConfig, file: str) -> None:
         "must be 'embedded' or a redis://, rediss:// or unix:// URL",
     )
     need(config.http.max_body_bytes > 0, "http.max_body_bytes", "must be positive")
+    need(config.http.body_timeout_s > 0, "http.body_timeout_s", "must be positive")
     need(config.http.metrics_auth in ("admin", "none"), "http.metrics_auth", "must be admin or none")
     need(bool(config.admin.password), "admin.password", "must be set")
     need(config.dispatch.concurrency >= 1, "dispatch.concurrency", "must be at least 1")
