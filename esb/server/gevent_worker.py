@@ -25,6 +25,7 @@ from esb.observe.logs import bounded_traceback
 logger = logging.getLogger(__name__)
 
 CID_HEADER = "X-ESB-CID"
+INTERNAL_ERROR = "internal error; see the server log for this cid"
 _PLAIN_TOKEN = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
 # What each of gunicorn's parser errors answers; the most specific class in the MRO wins,
@@ -102,7 +103,11 @@ class EsbGeventWorker(GeventWorker):
         status = status_of(exc)
         cid = cid_of_request(req if req is not None else getattr(exc, "req", None))
         ip = addr[0] if isinstance(addr, tuple) and addr else "-"
-        if status >= 500:
+        message = f"{type(exc).__name__}: {exc}"[:300] if status < 500 else INTERNAL_ERROR
+        if isinstance(exc, parser_errors.ParseException):
+            what = f"{type(exc).__name__}: {exc}"[:300]
+            logger.warning("invalid request from %s answered %d: %s", ip, status, what, extra={"cid": cid})
+        else:
             logger.error(
                 "request from %s failed outside any service; answering %d\n%s",
                 ip,
@@ -110,10 +115,6 @@ class EsbGeventWorker(GeventWorker):
                 bounded_traceback(exc),
                 extra={"cid": cid},
             )
-            message = "internal error; see the server log for this cid"
-        else:
-            message = f"{type(exc).__name__}: {exc}"[:300]
-            logger.warning("invalid request from %s answered %d: %s", ip, status, message, extra={"cid": cid})
         try:
             client.sendall(error_answer(status, message, cid))
         except OSError as send_exc:
