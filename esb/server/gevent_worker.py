@@ -84,6 +84,14 @@ def raise_fd_limit(wanted: int) -> None:
     limit): a worker must be able to hold the connections it accepts."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target < wanted:
+        logger.warning(
+            "open-file limit %d is below the %d a worker of %d connections needs; lower "
+            "[main] worker_connections or raise the hard limit (ulimit -Hn)",
+            hard,
+            wanted,
+            wanted - SPARE_FDS,
+        )
     if target > soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
