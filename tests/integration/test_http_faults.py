@@ -117,6 +117,7 @@ SERVICE_FAULTS = [
     ("/t/raise", {"raise": "SystemExit", "code": 3}),
     ("/t/raise", {"raise": "KeyboardInterrupt"}),
     ("/t/raise", {"raise": "GeneratorExit"}),
+    ("/t/raise", {"raise": "Timeout"}),
     ("/t/raise", {"raise": "BadInput", "status": 999}),
     ("/t/raise", {"raise": "BadInput", "status": 200}),
     ("/t/raise", {"raise": "BadInput", "status": 500}),

@@ -117,6 +117,10 @@ class Raise(Service):
             raise GeneratorExit
         if what == "BadInput":
             raise BadInput("rejected on purpose", self.request.payload["status"])
+        if what == "Timeout":
+            import gevent
+
+            raise gevent.Timeout(1)  # a Timeout passes the boundary; the worker answers it
         raise RuntimeError(what)
 
 
