@@ -117,8 +117,9 @@ class EsbGeventWorker(GeventWorker):
             logger.warning("invalid request from %s answered %d: %s", ip, status, what, extra={"cid": cid})
         else:
             logger.error(
-                "request from %s failed outside any service; answering %d\n%s",
+                "request from %s ended with %s, which no esb handler answered; answering %d\n%s",
                 ip,
+                type(exc).__name__,
                 status,
                 bounded_traceback(exc),
                 extra={"cid": cid},
