@@ -27,6 +27,7 @@ from esb.service.base import Headers
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class CompiledChannel:
     """A channel with everything parsed at deploy time, nothing left for the request path."""
