@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--worker-connections", type=int, default=1000)
+    parser.add_argument("--worker-connections", type=int, default=10000)  # esb's default
     parser.add_argument("--timeout", type=int, default=30)
     args = parser.parse_args(argv)
     # gunicorn parses sys.argv in places; keep it from seeing ours.

@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     load = Load(base, args.connections, threads, load_cpus)
     when = time.strftime("%Y-%m-%d %H:%M %Z")
     print(f"esb bench, {when}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-    print(f"  both sides: gunicorn, {args.workers} gevent worker(s), worker_connections 1000, keepalive 5,")
+    print(f"  both sides: gunicorn, {args.workers} gevent worker(s), worker_connections 10000, keepalive 5,")
     print("              no access log; POST /demo/echo answering the JSON body it was sent")
     print(f"  esb side:   esb quickstart demo server, Redis {redis_url or 'embedded'}, SQLite ODB")
     print(f"  load:       {load.name}, {args.seconds:g} s a run, {args.rounds} rounds alternating")

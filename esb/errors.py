@@ -38,14 +38,6 @@ class ServiceNotFound(EsbError, LookupError):
         super().__init__(f"service {name!r} is not deployed")
 
 
-class OutconnUnavailable(EsbError, ConnectionError):
-    """An outgoing connection cannot be used right now; retryable."""
-
-    def __init__(self, conn: str, reason: str):
-        self.conn = conn
-        super().__init__(f"outgoing connection {conn!r} is unavailable: {reason}")
-
-
 class BusUnavailable(EsbError, ConnectionError):
     """Redis, which carries dispatch, heartbeats and deploy notices, cannot be reached."""
 
@@ -55,9 +47,42 @@ class OdbUnavailable(EsbError, ConnectionError):
 
 
 class BadInput(EsbError, ValueError):
-    """A service rejects its request; answered with a 4xx and the service's message."""
+    """A service rejects its request; answered with a 4xx and the service's message.
+
+    Raises ValueError when STATUS_CODE is not an int from 400 to 499: a service that
+    asks for another status has a bug, and answers 500 like any other failing service.
+    """
 
     def __init__(self, message: str, status_code: int = 400):
+        if not is_client_error(status_code):
+            raise ValueError(f"BadInput takes a 4xx status code (an int 400-499), not {status_code!r}")
         self.message = message
         self.status_code = status_code
         super().__init__(message)
+
+
+def is_client_error(status_code: object) -> bool:
+    """True for an int from 400 to 499 (not a bool, float or str)."""
+    return isinstance(status_code, int) and not isinstance(status_code, bool) and 400 <= status_code <= 499
+
+
+class ServiceFailed(EsbError):
+    """A service raised or answered something unusable; already logged once, with its name,
+    the cid and a bounded traceback. Callers answer 500 (HTTP) or record a failed run."""
+
+    def __init__(self, service: str, cid: str, error: str):
+        self.service = service
+        self.cid = cid
+        self.error = error
+        super().__init__(f"service {service} failed: {error}")
+
+
+class InvokeDepthError(EsbError, RecursionError):
+    """``invoke`` nested deeper than the runtime allows (a service that invokes itself)."""
+
+    def __init__(self, service: str, max_depth: int):
+        self.service = service
+        self.max_depth = max_depth
+        super().__init__(
+            f"invoke of {service} nested deeper than {max_depth} levels; is a service invoking itself?"
+        )

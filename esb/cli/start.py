@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         return FAILURE
     config.log_dir.mkdir(parents=True, exist_ok=True)
     launcher_log = config.log_dir / "launcher.log"
-    argv = [sys.executable, "-m", "esb.cli", "start", str(config.directory), "--fg"]
+    # -P: no module of the caller's working directory may shadow one esb imports.
+    argv = [sys.executable, "-P", "-m", "esb.cli", "start", str(config.directory), "--fg"]
     if args.only:
         argv += ["--only", args.only]
     if args.no_scheduler:

@@ -42,7 +42,8 @@ def validate_module(path: Path) -> list[str]:
     """Import PATH in a separate process; return its service names or raise DeployError."""
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "esb.deploy.validate", str(path)],
+            # -P: no module of the working directory shadows one the validator imports.
+            [sys.executable, "-P", "-m", "esb.deploy.validate", str(path)],
             capture_output=True,
             text=True,
             timeout=VALIDATE_TIMEOUT_S,

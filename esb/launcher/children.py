@@ -106,7 +106,9 @@ def embedded_redis(config: ServerConfig) -> Child:
 
 
 def python_child(name: str, module: str, config: ServerConfig, *, is_essential: bool = False) -> Child:
-    argv = [sys.executable, "-m", module, str(config.directory)]
+    # -P: the working directory `esb start` ran in is not on sys.path, so a redis.py or
+    # gevent.py lying there is never imported in place of the real one.
+    argv = [sys.executable, "-P", "-m", module, str(config.directory)]
     return Child(name, argv, config.log_dir / f"{name}.stdout.log", is_essential=is_essential)
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import greenlet
 
+from esb.errors import InvokeDepthError
+
 current_cid: contextvars.ContextVar[str | None] = contextvars.ContextVar("esb_cid", default=None)
 current_service: contextvars.ContextVar[str | None] = contextvars.ContextVar("esb_service", default=None)
 
@@ -24,6 +26,7 @@ class RunningCall:
     service: str
     cid: str
     started: float  # time.monotonic()
+    depth: int = 0  # 0 for the outermost call of a greenlet, +1 per nested invoke
 
 
 class RunningCalls:
@@ -33,10 +36,18 @@ class RunningCalls:
         self.by_greenlet: dict[greenlet.greenlet, RunningCall] = {}
 
     @contextlib.contextmanager
-    def track(self, service: str, cid: str) -> Iterator[None]:
+    def track(self, service: str, cid: str, max_depth: int | None = None) -> Iterator[None]:
+        """Record the call for the duration of the block.
+
+        Raises InvokeDepthError, before the block runs, when the call would be nested
+        more than MAX_DEPTH levels deep in this greenlet.
+        """
         current = greenlet.getcurrent()
         outer = self.by_greenlet.get(current)
-        self.by_greenlet[current] = RunningCall(service, cid, time.monotonic())
+        depth = 0 if outer is None else outer.depth + 1
+        if max_depth is not None and depth > max_depth:
+            raise InvokeDepthError(service, max_depth)
+        self.by_greenlet[current] = RunningCall(service, cid, time.monotonic(), depth)
         cid_token = current_cid.set(cid)
         service_token = current_service.set(service)
         try:

@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from esb.observe.context import ContextFilter
+
+# A failed request logs at most this much traceback: the innermost frames, where the error
+# is, and no more characters than a screen or two, so no request can flood the log.
+TRACEBACK_FRAMES = 16
+TRACEBACK_CHARS = 6000
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s cid=%(cid)s service=%(service)s: %(message)s"
 
@@ -51,3 +57,15 @@ def setup_logging(log_file: Path | None, *, level: str = "INFO", as_json: bool =
     # Drivers are chatty at DEBUG; keep them at WARNING unless asked otherwise.
     for noisy in ("kombu", "amqp", "apscheduler.scheduler", "sqlalchemy.engine"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def bounded_traceback(exc: BaseException) -> str:
+    """EXC's traceback, innermost TRACEBACK_FRAMES frames of each chained exception, cut to
+    TRACEBACK_CHARS around the middle (the head says where, the tail what was raised)."""
+    text = "".join(
+        traceback.TracebackException(type(exc), exc, exc.__traceback__, limit=-TRACEBACK_FRAMES).format()
+    )
+    if len(text) > TRACEBACK_CHARS:
+        half = TRACEBACK_CHARS // 2
+        text = f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
+    return text.rstrip("\n")

@@ -26,7 +26,8 @@ class EsbApplication(BaseApplication):
         settings = {
             "bind": [f"{c.main.host}:{c.main.port}"],
             "workers": c.main.workers,
-            "worker_class": "gevent",
+            # gunicorn's gevent worker, answering its parser's refusals in esb's JSON.
+            "worker_class": "esb.server.gevent_worker.EsbGeventWorker",
             "worker_connections": c.main.worker_connections,
             "timeout": c.main.timeout_s,
             "graceful_timeout": c.main.graceful_timeout_s,

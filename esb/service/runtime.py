@@ -1,4 +1,10 @@
-"""Running services: one place where a request becomes a Service call and a Response."""
+"""Running services: one place where a request becomes a Service call and a Response.
+
+``run`` is the service boundary, the one function that runs the outermost service of
+an HTTP request or a dispatched message: whatever the service raises stops there,
+``BaseException`` included, and is logged once. ``invoke`` is what a service calls to
+run another one inside its own call; there, exceptions go back to the calling service.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,29 @@ from time import perf_counter
 from typing import Any
 
 import redis
+from gevent.timeout import Timeout
+from greenlet import GreenletExit
 from munch import Munch
 
 from esb.bus import Keys, enqueue
-from esb.errors import ServiceNotFound
+from esb.errors import BadInput, ServiceFailed, ServiceNotFound, is_client_error
 from esb.observe import metrics
 from esb.observe.context import running_calls
+from esb.observe.logs import bounded_traceback
 from esb.service.base import HttpInfo, JobInfo, Request, Response
 from esb.service.loader import ServiceStore
 
 logger = logging.getLogger(__name__)
+
+# Nested invoke() calls one greenlet may stack up: a service that invokes itself fails
+# with InvokeDepthError here instead of with RecursionError some 250 levels down.
+MAX_INVOKE_DEPTH = 64
+
+# What the boundary lets through: gevent kills a greenlet (graceful stop, pool.kill)
+# with GreenletExit, and a Timeout belongs to whoever started it, which may be a caller
+# above the boundary; turning either into a failed call would keep a greenlet alive
+# that was told to end.
+PASS_THROUGH = (GreenletExit, Timeout)
 
 
 class ServiceRuntime:
@@ -29,6 +48,52 @@ class ServiceRuntime:
         self.max_backlog = max_backlog
         self.outgoing = Munch(amqp={}, sql={})
 
+    def run(
+        self,
+        name: str,
+        payload: Any,
+        *,
+        cid: str,
+        http: HttpInfo | None = None,
+        job: JobInfo | None = None,
+    ) -> Response:
+        """Run service NAME as the outermost call of a request or message.
+
+        Raises ServiceNotFound when NAME is not deployed (nothing ran); BadInput when the
+        service rejects its input with a 4xx; ServiceFailed for anything else the service
+        raised (any BaseException but GreenletExit and gevent's Timeout, which pass
+        through), after logging it once with the service's name, the cid and a bounded
+        traceback.
+        """
+        cls = self.store.services.get(name)
+        if cls is None:
+            raise ServiceNotFound(name)
+        try:
+            service = cls(self, Request(payload={} if payload is None else payload, http=http, job=job), cid)
+            with running_calls.track(name, cid):
+                service.handle()
+            return service.response
+        except PASS_THROUGH:
+            raise
+        except BadInput as exc:
+            if is_client_error(exc.status_code):
+                raise
+            raise self.failed(name, cid, exc) from None
+        except BaseException as exc:
+            raise self.failed(name, cid, exc) from None
+
+    def failed(self, name: str, cid: str, exc: BaseException) -> ServiceFailed:
+        """Log EXC once, as the end of service NAME's call, and return what callers see."""
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        logger.error(
+            "service %s failed with %s\n%s",
+            name,
+            type(exc).__name__,
+            bounded_traceback(exc),
+            extra={"cid": cid, "service": name},
+        )
+        return ServiceFailed(name, cid, error)
+
     def invoke(
         self,
         name: str,
@@ -38,9 +103,10 @@ class ServiceRuntime:
         http: HttpInfo | None = None,
         job: JobInfo | None = None,
     ) -> Response:
-        """Run service NAME in this greenlet. Exceptions from the service propagate.
+        """Run service NAME in this greenlet, inside the calling service's call.
 
-        Raises ServiceNotFound when no such service is deployed.
+        Exceptions from the service propagate to the caller. Raises ServiceNotFound when
+        no such service is deployed, InvokeDepthError past MAX_INVOKE_DEPTH nested calls.
         """
         cls = self.store.services.get(name)
         if cls is None:
@@ -49,7 +115,7 @@ class ServiceRuntime:
         service = cls(self, request, cid)
         started = perf_counter()
         try:
-            with running_calls.track(name, cid):
+            with running_calls.track(name, cid, MAX_INVOKE_DEPTH):
                 service.handle()
         finally:
             metrics.observe_service(name, perf_counter() - started)

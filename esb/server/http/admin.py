@@ -50,18 +50,19 @@ class StatusResource:
 class InvokeResource:
     """Runs any deployed service with the posted JSON as its payload (admin only)."""
 
-    def __init__(self, auth: AdminAuth, runtime: ServiceRuntime, max_body_bytes: int):
+    def __init__(self, auth: AdminAuth, runtime: ServiceRuntime, max_body_bytes: int, body_timeout_s: float):
         self.auth = auth
         self.runtime = runtime
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, service: str) -> None:
         self.auth.require(req)
         cid = cid_of(req)
-        payload = decode_json(read_body(req, self.max_body_bytes))
+        payload = decode_json(read_body(req, self.max_body_bytes, self.body_timeout_s))
         http = HttpInfo(method=req.method, path=req.path, headers=Headers(req.headers), query=req.params)
-        response = self.runtime.invoke(service, payload, cid=cid, http=http)
-        write_response(resp, response, cid, is_json=True)
+        response = self.runtime.run(service, payload, cid=cid, http=http)
+        write_response(resp, response, cid, is_json=True, service=service)
 
 
 class MetricsResource:

@@ -13,12 +13,14 @@ import re
 
 import falcon
 
-from esb.errors import BadInput, BusUnavailable, EsbError, OutconnUnavailable, ServiceNotFound
+from esb.errors import BadInput, BusUnavailable, EsbError, ServiceFailed, ServiceNotFound
 from esb.observe import metrics
+from esb.observe.logs import bounded_traceback
 
 logger = logging.getLogger(__name__)
 
 CID_HEADER = "X-ESB-CID"
+INTERNAL_ERROR = "internal error; see the server log for this cid"
 _PLAIN_TOKEN = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
 
@@ -35,8 +37,21 @@ def cid_of(req: falcon.Request) -> str:
     return cid
 
 
-def write_error(req: falcon.Request, resp: falcon.Response, status: int, message: str) -> None:
+def write_error(
+    req: falcon.Request, resp: falcon.Response, status: int, message: str, *, is_logged: bool = False
+) -> None:
+    """Answer STATUS with the JSON error body; log it in one line unless IS_LOGGED already."""
     cid = cid_of(req)
+    if not is_logged:
+        logger.log(
+            logging.WARNING if status >= 500 else logging.INFO,
+            "%s %s answered %d: %s",
+            req.method,
+            req.path,
+            status,
+            message[:300],
+            extra={"cid": cid},
+        )
     metrics.http_errors[status] += 1
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
@@ -53,20 +68,20 @@ def _serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falco
 # The status each esb error answers with; the most specific class in the MRO wins.
 STATUS_OF: dict[type[EsbError], int] = {
     ServiceNotFound: 404,
-    OutconnUnavailable: 503,
     BusUnavailable: 503,
 }
 
 
 def _handle_esb_error(req: falcon.Request, resp: falcon.Response, exc: EsbError, params: dict) -> None:
+    if isinstance(exc, ServiceFailed):
+        # Logged where it happened, with the service's name; the client learns only the cid.
+        write_error(req, resp, 500, INTERNAL_ERROR, is_logged=True)
+        return
     if isinstance(exc, BadInput):
         write_error(req, resp, exc.status_code, exc.message)
         return
     for cls in type(exc).__mro__:
         if cls in STATUS_OF:
-            logger.warning(
-                "%s %s answered %d: %s", req.method, req.path, STATUS_OF[cls], exc, extra={"cid": cid_of(req)}
-            )
             write_error(req, resp, STATUS_OF[cls], str(exc))
             return
     _handle_unexpected(req, resp, exc, params)
@@ -76,15 +91,15 @@ def _handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exceptio
     if isinstance(exc, falcon.HTTPError):
         _serialize_http_error(req, resp, exc)
         return
-    cid = cid_of(req)
     logger.error(
-        "%s %s failed with an unexpected error; answering 500",
+        "%s %s failed with an unexpected %s; answering 500\n%s",
         req.method,
         req.path,
-        exc_info=exc,
-        extra={"cid": cid},
+        type(exc).__name__,
+        bounded_traceback(exc),
+        extra={"cid": cid_of(req)},
     )
-    write_error(req, resp, 500, "internal error; see the server log for this cid")
+    write_error(req, resp, 500, INTERNAL_ERROR, is_logged=True)
 
 
 def install(app: falcon.App) -> None:

@@ -100,3 +100,69 @@ class Record(Service):
             "has_job": self.request.job is not None,
         }
         self.redis.rpush(self.request.payload["key"], json.dumps(seen))
+
+
+class Raise(Service):
+    """Raises what the payload names, BaseExceptions included: the service boundary's cases."""
+
+    name = "t.raise"
+
+    def handle(self):
+        what = self.request.payload["raise"]
+        if what == "SystemExit":
+            raise SystemExit(self.request.payload.get("code", 1))
+        if what == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+        if what == "GeneratorExit":
+            raise GeneratorExit
+        if what == "BadInput":
+            raise BadInput("rejected on purpose", self.request.payload["status"])
+        if what == "Timeout":
+            import gevent
+
+            raise gevent.Timeout(1)  # a Timeout passes the boundary; the worker answers it
+        raise RuntimeError(what)
+
+
+class Answer(Service):
+    """Answers with the status, headers and payload it is given (``nan``/``inf`` as floats)."""
+
+    name = "t.answer"
+
+    def handle(self):
+        given = self.request.payload
+        if "status" in given:
+            self.response.status_code = given["status"]
+        for name, value in given.get("headers", {}).items():
+            self.response.headers[name] = value
+        payload = given.get("payload", {"ok": True})
+        if payload in ("nan", "inf", "-inf"):
+            payload = {"x": float(payload)}
+        self.response.payload = payload
+
+
+class InvokeNowhere(Service):
+    name = "t.invoke-nowhere"
+
+    def handle(self):
+        self.response.payload = self.invoke("t.deployed-nowhere", {})
+
+
+class Recurse(Service):
+    """Invokes itself without end."""
+
+    name = "t.recurse"
+
+    def handle(self):
+        self.response.payload = self.invoke("t.recurse", {})
+
+
+class Pid(Service):
+    """Answers the pid of the worker that ran it."""
+
+    name = "t.pid"
+
+    def handle(self):
+        import os
+
+        self.response.payload = {"pid": os.getpid()}

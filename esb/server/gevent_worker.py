@@ -1,0 +1,130 @@
+"""esb's gevent worker: gunicorn's ``GeventWorker``, whose own answers look like esb's.
+
+gunicorn answers a request its parser refuses (a bad request line, a line or header
+section over its limits, a malformed Content-Length or chunk) with an HTML page of its
+own, before the app sees anything. Here those answers are the JSON error body every esb
+answer carries, with a cid, logged in one line. The class is the place for further
+connection-level policy of a worker (fairness between clients, for instance).
+"""
+
+from __future__ import annotations
+
+import http
+import json
+import logging
+import os
+import re
+import resource
+from typing import Any
+
+from gunicorn.http import errors as parser_errors
+from gunicorn.workers.ggevent import GeventWorker
+
+from esb.observe.logs import bounded_traceback
+
+logger = logging.getLogger(__name__)
+
+CID_HEADER = "X-ESB-CID"
+INTERNAL_ERROR = "internal error; see the server log for this cid"
+_PLAIN_TOKEN = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+# What each of gunicorn's parser errors answers; the most specific class in the MRO wins,
+# anything else (an exception escaping the app, which esb's error handlers should have
+# answered) is a 500.
+STATUS_OF: dict[type[BaseException], int] = {
+    parser_errors.LimitRequestLine: 414,
+    parser_errors.LimitRequestHeaders: 431,
+    parser_errors.UnsupportedTransferCoding: 501,
+    parser_errors.ExpectationFailed: 417,
+    parser_errors.ForbiddenProxyRequest: 403,
+    parser_errors.ConfigurationProblem: 500,
+    parser_errors.InvalidResponseHeader: 500,
+    parser_errors.InvalidResponseHeaderName: 500,
+    parser_errors.ParseException: 400,
+}
+# File descriptors a worker keeps for itself beyond its connections (logs, Redis, ODB).
+SPARE_FDS = 256
+
+
+def status_of(exc: BaseException) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return 500
+
+
+def cid_of_request(req: Any) -> str:
+    """The cid a refused request gets: its X-ESB-CID if the parser got that far and it is a
+    plain token of at most 64 characters, else a new one."""
+    for name, value in getattr(req, "headers", None) or ():
+        if name == CID_HEADER.upper() and _PLAIN_TOKEN.match(value):
+            return value
+    return os.urandom(16).hex()
+
+
+def error_answer(status: int, message: str, cid: str) -> bytes:
+    """A whole HTTP/1.1 answer with esb's error body, closing the connection."""
+    body = json.dumps({"error": message, "cid": cid}).encode()
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"{CID_HEADER}: {cid}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+def raise_fd_limit(wanted: int) -> None:
+    """Raise this process's soft limit of open files towards WANTED (never above the hard
+    limit): a worker must be able to hold the connections it accepts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target < wanted:
+        logger.warning(
+            "open-file limit %d is below the %d a worker of %d connections needs; lower "
+            "[main] worker_connections or raise the hard limit (ulimit -Hn)",
+            hard,
+            wanted,
+            wanted - SPARE_FDS,
+        )
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+
+
+class EsbGeventWorker(GeventWorker):
+    """gunicorn's gevent worker with esb's error answers and enough file descriptors."""
+
+    def init_process(self) -> None:
+        raise_fd_limit(self.worker_connections + SPARE_FDS)
+        super().init_process()
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """Answer what gunicorn could not hand to the app, in JSON with a cid, logged once."""
+        status = status_of(exc)
+        cid = cid_of_request(req if req is not None else getattr(exc, "req", None))
+        ip = addr[0] if isinstance(addr, tuple) and addr else "-"
+        message = f"{type(exc).__name__}: {exc}"[:300] if status < 500 else INTERNAL_ERROR
+        if isinstance(exc, parser_errors.ParseException):
+            what = f"{type(exc).__name__}: {exc}"[:300]
+            logger.warning("invalid request from %s answered %d: %s", ip, status, what, extra={"cid": cid})
+        else:
+            logger.error(
+                "request from %s ended with %s, which no esb handler answered; answering %d\n%s",
+                ip,
+                type(exc).__name__,
+                status,
+                bounded_traceback(exc),
+                extra={"cid": cid},
+            )
+        try:
+            client.sendall(error_answer(status, message, cid))
+        except OSError as send_exc:
+            logger.debug("could not send the %d answer to %s: %s", status, ip, send_exc)
