@@ -65,14 +65,9 @@ class ServiceRuntime:
         through), after logging it once with the service's name, the cid and a bounded
         traceback.
         """
-        cls = self.store.services.get(name)
-        if cls is None:
-            raise ServiceNotFound(name)
+        cls = self._service_class(name)
         try:
-            service = cls(self, Request(payload={} if payload is None else payload, http=http, job=job), cid)
-            with running_calls.track(name, cid):
-                service.handle()
-            return service.response
+            return self._handle(cls, name, payload, cid, http, job, max_depth=None)
         except PASS_THROUGH:
             raise
         except BadInput as exc:
@@ -108,14 +103,29 @@ class ServiceRuntime:
         Exceptions from the service propagate to the caller. Raises ServiceNotFound when
         no such service is deployed, InvokeDepthError past MAX_INVOKE_DEPTH nested calls.
         """
+        return self._handle(self._service_class(name), name, payload, cid, http, job, MAX_INVOKE_DEPTH)
+
+    def _service_class(self, name: str) -> type:
         cls = self.store.services.get(name)
         if cls is None:
             raise ServiceNotFound(name)
-        request = Request(payload={} if payload is None else payload, http=http, job=job)
-        service = cls(self, request, cid)
+        return cls
+
+    def _handle(
+        self,
+        cls: type,
+        name: str,
+        payload: Any,
+        cid: str,
+        http: HttpInfo | None,
+        job: JobInfo | None,
+        max_depth: int | None,
+    ) -> Response:
+        """One call of a service: tracked for the log and the loop monitor, and timed."""
+        service = cls(self, Request(payload={} if payload is None else payload, http=http, job=job), cid)
         started = perf_counter()
         try:
-            with running_calls.track(name, cid, MAX_INVOKE_DEPTH):
+            with running_calls.track(name, cid, max_depth):
                 service.handle()
         finally:
             metrics.observe_service(name, perf_counter() - started)
