@@ -102,15 +102,18 @@ class Retrying:
         self.last_error = f"{type(exc).__name__}: {exc}"
         delay_s = self.policy.interval_s(self.failures)
         self._next_try = time.monotonic() + delay_s
-        level = logging.WARNING if self.failures == 1 else logging.DEBUG
-        self.logger.log(
-            level,
-            "%s (%s, %d in a row); retrying in %.1f s",
-            unreachable(self.service, self.what),
-            self.last_error,
-            self.failures,
-            delay_s,
-        )
+        if self.failures == 1:
+            self.logger.warning(
+                "%s (%s); retrying in %.1f s", unreachable(self.service, self.what), self.last_error, delay_s
+            )
+        else:
+            self.logger.debug(
+                "%s (%s, %d in a row); retrying in %.1f s",
+                unreachable(self.service, self.what),
+                self.last_error,
+                self.failures,
+                delay_s,
+            )
         return delay_s
 
     def succeeded(self) -> None:
