@@ -189,21 +189,21 @@ class WorkerRuntime:
 
     def poll_odb(self) -> None:
         """The safety net under pub/sub: a missed notice costs at most ODB_POLL_S; while the
-        ODB is away, it is tried again at the retry policy's intervals."""
+        ODB is away, it is tried again at the retry policy's (shorter) intervals."""
+        wait_s = ODB_POLL_S
         while True:
-            wait_s = ODB_POLL_S
-            if self._odb_retrying.is_failing:
-                wait_s = min(self._odb_retrying.policy.interval_s(self._odb_retrying.failures), ODB_POLL_S)
             gevent.sleep(wait_s)
-            self._reload_logged()
+            wait_s = self._reload_logged()
 
-    def _reload_logged(self) -> None:
+    def _reload_logged(self) -> float:
+        """Reload; an ODB away is logged once per outage, and the worker keeps serving its
+        generation. Answers the seconds until the ODB poll should look again."""
         try:
             self.reload()
         except OdbUnavailable as exc:
-            self._odb_retrying.failed(exc)
-        else:
-            self._odb_retrying.succeeded()
+            return min(self._odb_retrying.failed(exc), ODB_POLL_S)
+        self._odb_retrying.succeeded()
+        return ODB_POLL_S
 
     # -- dispatched work -----------------------------------------------------------------
 
