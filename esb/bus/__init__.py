@@ -2,7 +2,7 @@
 
 from esb.bus.client import make_blocking_reader, make_redis, open_connections
 from esb.bus.dispatch import DispatchMessage, enqueue, ensure_group, new_msg_id
-from esb.bus.heartbeat import Heartbeat, parse_iso, utc_now_iso
+from esb.bus.heartbeat import Heartbeat, heartbeat_client, parse_iso, utc_now_iso
 from esb.bus.keys import Keys
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "Keys",
     "enqueue",
     "ensure_group",
+    "heartbeat_client",
     "make_blocking_reader",
     "make_redis",
     "new_msg_id",

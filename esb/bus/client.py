@@ -1,4 +1,14 @@
-"""The one way esb makes a Redis client: bounded pool, timeouts, jittered retries."""
+"""The one way esb makes a Redis client: bounded pool, timeouts, and no hidden retries
+unless the caller asks for them.
+
+A loop that talks to Redis (heartbeats, the dispatch consumer, deploy subscriptions, the
+scheduler's lease) decides its own retries with ``esb.observe.retry``; a client with
+redis-py retries underneath it would multiply each wait: a Redis that accepts connections
+but does not answer held a heartbeat for four socket timeouts, about 20 s. Such loops use
+clients made with the default ``retries=0``. A caller that does not loop (a one-shot CLI
+command, a service's own calls) may ask for a few jittered retries, so that a quick Redis
+restart costs it a retry rather than an error.
+"""
 
 from __future__ import annotations
 
@@ -66,12 +76,13 @@ def make_redis(
     *,
     socket_timeout_s: float = 5.0,
     max_connections: int = 64,
-    retries: int = 3,
+    retries: int = 0,
 ) -> redis.Redis:
     """A client on a blocking pool: callers wait for a free connection instead of opening more.
 
-    Commands that fail on a dropped connection are retried with jittered backoff, so a Redis
-    restart costs a retry, not an error, when it is quick enough.
+    Every command, and every wait for a pooled connection, fails after SOCKET_TIMEOUT_S.
+    RETRIES > 0: a command that fails on a dropped or silent connection is retried that many
+    times with jittered backoff; only for callers that do not retry themselves.
     """
     quick = _CONNECTION_CLASSES.get(urlsplit(url).scheme)
     pool = redis.BlockingConnectionPool.from_url(
@@ -108,5 +119,6 @@ def open_connections(client: redis.Redis, count: int) -> int:
 
 
 def make_blocking_reader(url: str, *, block_s: float, socket_timeout_s: float = 5.0) -> redis.Redis:
-    """A client for XREADGROUP ... BLOCK: it holds its connection, so it gets its own pool."""
+    """A client for XREADGROUP ... BLOCK: it holds its connection, so it gets its own pool;
+    its caller loops, so it has no retries."""
     return make_redis(url, socket_timeout_s=block_s + socket_timeout_s, max_connections=2)

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import redis
 from redis.exceptions import RedisError
 
-from esb.observe.outage import OutageNotice
+from esb.bus.client import make_redis
+from esb.observe.retry import Retrying
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +27,26 @@ def parse_iso(value: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+def heartbeat_client(url: str, *, interval_s: float, ttl_s: float) -> redis.Redis:
+    """A client of a heartbeat's own: no retries under the heartbeat's loop, two connections
+    of its own (a pool busy with a component's work cannot hold a beat up), and a socket
+    timeout that lets one beat and the wait after it fit in one staleness period (TTL_S).
+
+    So a Redis that accepts connections but does not answer costs a beat less than a
+    staleness period, and the next beat after it answers again comes within an interval.
+    """
+    return make_redis(url, socket_timeout_s=max(ttl_s - interval_s, 0.5), max_connections=2, retries=0)
+
+
 class Heartbeat:
     """Writes ``fields() | {last_heartbeat}`` to KEY every ``interval_s``; the key expires after
     ``ttl_s`` so a component killed with -9 disappears by itself.
 
     ``run_forever`` is a plain loop: run it in a greenlet in a gevent worker, in a thread
-    elsewhere. A Redis outage is logged once and retried; it never stops the loop.
+    elsewhere. A Redis outage is logged once per change of state and retried (at the
+    ``BACKING_SERVICE`` intervals, never slower than ``interval_s``); it never stops the
+    loop. CLIENT should come from ``heartbeat_client``: a client with retries or a long
+    socket timeout lets a silent Redis hold a beat for longer than a staleness period.
     """
 
     def __init__(
@@ -49,7 +64,7 @@ class Heartbeat:
         self.interval_s = interval_s
         self.ttl_ms = int(ttl_s * 1000)
         self._stopped = threading.Event()
-        self._outage = OutageNotice(logger, f"heartbeat {key}")
+        self._retrying = Retrying(logger, f"heartbeat {key}")
 
     def beat(self) -> None:
         values = self.fields() | {"last_heartbeat": utc_now_iso()}
@@ -62,11 +77,12 @@ class Heartbeat:
         while not self._stopped.is_set():
             try:
                 self.beat()
-                self._outage.succeeded()
+                self._retrying.succeeded()
+                wait_s = self.interval_s
             except RedisError as exc:
-                self._outage.failed(exc, self.interval_s)
+                wait_s = min(self._retrying.failed(exc), self.interval_s)
             # Sleep in small steps so stop() is prompt (time.sleep is gevent's in a worker).
-            deadline = time.monotonic() + self.interval_s
+            deadline = time.monotonic() + wait_s
             while not self._stopped.is_set() and time.monotonic() < deadline:
                 time.sleep(min(0.2, self.interval_s))
 

@@ -61,7 +61,11 @@ def run(args: argparse.Namespace) -> int:
         odb_problem = f"ODB: {exc}"
     else:
         odb_problem = None
-    client = make_redis(config.redis_url, socket_timeout_s=3.0, retries=1)
+    # No retries and half a staleness period to answer: a Redis slower than that leaves
+    # every heartbeat stale anyway, and the operator asking gets the answer within the
+    # staleness period (a silent Redis once held this command for 12.8 s).
+    timeout_s = max(min(config.redis.socket_timeout_s, config.observe.stale_after_s / 2), 0.5)
+    client = make_redis(config.redis_url, socket_timeout_s=timeout_s, max_connections=2)
     status = collect_status(client, Keys(config.main.cluster), config, definitions)
     if odb_problem:
         status["healthy"] = False

@@ -3,8 +3,10 @@
 It starts the embedded Redis (when configured), prepares the ODB, then runs the arbiter,
 the scheduler and the pickup watcher as children. Signal handlers only record the
 signal; the loop acts on it. A scheduler, pickup watcher or embedded Redis that dies is
-started again within a second; the arbiter replaces its own workers, and its own death
-stops the server with the reason.
+started again with backoff (``esb.launcher.children``: within a second the first time, at
+the retry policy's ceiling once it keeps dying); the arbiter replaces its own workers, and
+its own death stops the server with the reason. What the launcher knows of its children
+goes to ``run/supervision.json``, which ``esb status`` reads.
 """
 
 from __future__ import annotations
@@ -24,14 +26,23 @@ from esb.bus import Keys, make_redis
 from esb.config import ServerConfig
 from esb.deploy import Deployer
 from esb.errors import ConfigError, DeployError, EsbError
-from esb.launcher.children import Child, embedded_redis, pid_is_running, python_child
-from esb.observe import metrics
+from esb.launcher.children import (
+    CRASH_LOOP_EXITS,
+    CRASH_LOOP_WINDOW_S,
+    Child,
+    embedded_redis,
+    pid_is_running,
+    python_child,
+)
+from esb.observe import metrics, supervision
+from esb.observe.retry import CHILD_RESTART, RetryPolicy
 from esb.odb import OdbStore
 
 logger = logging.getLogger(__name__)
 
 LOOP_S = 0.2
-RESTART_DELAY_S = 0.5
+# A process just started, polled until it answers.
+STARTUP_POLL = RetryPolicy(interval_start_s=0.05, interval_step_s=0.05, interval_max_s=0.5)
 # An arbiter that dies this soon after starting has a problem a restart will not fix.
 ARBITER_MIN_LIFE_S = 10.0
 GUNICORN_HALT_CODES = {3: "a worker failed to boot", 4: "the application failed to load"}
@@ -100,6 +111,7 @@ class Launcher:
             self.stop_all()
             pid_file(config).unlink(missing_ok=True)
             children_file(config).unlink(missing_ok=True)
+            supervision.facts_path(config.run_dir).unlink(missing_ok=True)
         return self._exit_code
 
     def check_port(self) -> None:
@@ -127,7 +139,7 @@ class Launcher:
             metrics.empty_directory(config.run_dir)  # this start counts from zero
             self.children.append(python_child("arbiter", "esb.server", config, is_essential=True))
         if "scheduler" in self.roles and config.scheduler.enabled:
-            self.children.append(python_child("scheduler", "esb.scheduler", config))
+            self.children.append(python_child("scheduler", "esb.scheduler", config, own_log="scheduler.log"))
         if "pickup" in self.roles:
             self.children.append(python_child("pickup", "esb.deploy.pickup", config))
         for child in self.children:
@@ -142,6 +154,7 @@ class Launcher:
             socket_connect_timeout=1,
         )
         deadline = time.monotonic() + timeout_s
+        attempts = 0
         while time.monotonic() < deadline:
             if self.redis_child and self.redis_child.poll() is not None:
                 raise StartError(f"embedded Redis exited; see {self.redis_child.log_file}")
@@ -150,7 +163,8 @@ class Launcher:
                 client.close()
                 return
             except RedisError:
-                time.sleep(0.05)
+                attempts += 1
+                time.sleep(STARTUP_POLL.interval_s(attempts))
         raise StartError(f"embedded Redis did not answer within {timeout_s:.0f} s")
 
     def prepare_odb(self) -> None:
@@ -180,20 +194,68 @@ class Launcher:
                 signum = self._signals.pop(0)
                 logger.info("received %s; stopping", signal.Signals(signum).name)
                 return
+            now = time.monotonic()
             for child in self._supervised():
+                if child.next_start is not None:  # died; waiting to start it again
+                    if child.is_due(now):
+                        self._restart(child)
+                    continue
                 code = child.poll()
                 if code is None:
+                    if child.settled(now):
+                        logger.info("%s (pid %d) has run steadily for %.0f s: no longer reported",
+                                    child.name, child.pid, CRASH_LOOP_WINDOW_S)
+                        self._record_children()
                     continue
                 if child.is_essential:
                     self._handle_essential_exit(child, code)
                     return
-                logger.error("%s (pid %d) exited with %s; starting it again", child.name, child.pid, code)
-                time.sleep(RESTART_DELAY_S)
-                child.start()
-                child.restarts.append(time.monotonic())
-                self._record_children()
-                logger.info("restarted %s (pid %d)", child.name, child.pid)
+                self._handle_exit(child, code, now)
             time.sleep(LOOP_S)
+
+    def _handle_exit(self, child: Child, code: int, now: float) -> None:
+        """Log the death and when the child starts again; the first time it is found
+        crash-looping, log its last lines of output too."""
+        lived_s = now - child.started_at
+        was_looping = child.crash_looping
+        delay_s = child.exited(code, now)
+        if child.crash_looping and not was_looping:
+            output = "\n".join(f"    {line}" for line in child.last_output) or "    (nothing)"
+            logger.error(
+                "%s (pid %d) keeps dying: %d exits within %.0f s, the last one %s after %.1f s; "
+                "starting it again every %.0f s until a run lasts %.0f s. Its last output:\n%s",
+                child.name,
+                child.pid,
+                CRASH_LOOP_EXITS,
+                CRASH_LOOP_WINDOW_S,
+                child.last_exit,
+                lived_s,
+                delay_s,
+                CRASH_LOOP_WINDOW_S,
+                output,
+            )
+        else:
+            logger.error(
+                "%s (pid %d) died: %s after %.1f s; starting it again in %.1f s",
+                child.name,
+                child.pid,
+                child.last_exit,
+                lived_s,
+                delay_s,
+            )
+        self._record_children()
+
+    def _restart(self, child: Child) -> None:
+        try:
+            child.start()
+        except OSError as exc:  # its program is gone, say: a later attempt may find it back
+            child.next_start = time.monotonic() + child.policy.interval_max_s
+            logger.error("%s could not be started (%s); trying again in %.0f s",
+                         child.name, exc, child.policy.interval_max_s)
+            return
+        child.restarts += 1
+        self._record_children()
+        logger.info("restarted %s (pid %d)", child.name, child.pid)
 
     def _supervised(self) -> list[Child]:
         return ([self.redis_child] if self.redis_child else []) + self.children
@@ -209,8 +271,19 @@ class Launcher:
         self._exit_code = 1
 
     def _record_children(self) -> None:
+        """The pids for `esb stop`; the facts for `esb status`."""
         pids = {child.name: child.pid for child in self._supervised() if child.pid}
         children_file(self.config).write_text(json.dumps(pids))
+        supervision.write_facts(
+            self.config.run_dir,
+            {
+                "launcher_pid": os.getpid(),
+                "crash_exits": CRASH_LOOP_EXITS,
+                "crash_window_s": CRASH_LOOP_WINDOW_S,
+                "restart_ceiling_s": CHILD_RESTART.interval_max_s,
+                "children": [child.facts() for child in self._supervised()],
+            },
+        )
 
     # -- stop ------------------------------------------------------------------------
 

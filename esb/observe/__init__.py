@@ -1,4 +1,4 @@
-"""Observability: logging, run context, outage notices, metrics, status, the loop-block monitor.
+"""Observability: logging, run context, the retry policy, metrics, status, the loop-block monitor.
 
 Only the low-level pieces are exported here; ``esb.observe.status`` reads Redis through
 ``esb.bus``, and ``esb.observe.metrics`` is imported by path.
@@ -6,6 +6,14 @@ Only the low-level pieces are exported here; ``esb.observe.status`` reads Redis 
 
 from esb.observe.context import ContextFilter, current_call, running_calls
 from esb.observe.logs import setup_logging
-from esb.observe.outage import OutageNotice
+from esb.observe.retry import Retrying, RetryPolicy, ensure
 
-__all__ = ["ContextFilter", "OutageNotice", "current_call", "running_calls", "setup_logging"]
+__all__ = [
+    "ContextFilter",
+    "RetryPolicy",
+    "Retrying",
+    "current_call",
+    "ensure",
+    "running_calls",
+    "setup_logging",
+]

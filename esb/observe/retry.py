@@ -41,21 +41,43 @@ class RetryPolicy:
 
 #: Redis and the ODB, from loops that run for the life of a process.
 BACKING_SERVICE = RetryPolicy(interval_start_s=0.2, interval_step_s=0.5, interval_max_s=2.0)
-#: The launcher's restarts of a child process that died.
-CHILD_RESTART = RetryPolicy(interval_start_s=0.5, interval_step_s=2.0, interval_max_s=30.0)
+#: The launcher's restarts of a child process that died: the first within a second
+#: (ARCHITECTURE: "started again within 2 s"), one that keeps dying at the ceiling.
+CHILD_RESTART = RetryPolicy(interval_start_s=0.5, interval_step_s=1.0, interval_max_s=30.0)
+
+
+def unreachable(service: str, what: str) -> str:
+    """The words for an outage, the same in every log line and status problem:
+    ``Redis unreachable: heartbeat of worker 42``."""
+    return f"{service} unreachable: {what}"
+
+
+def reachable_again(service: str, what: str) -> str:
+    """The words for the end of an outage: ``Redis works again: heartbeat of worker 42``."""
+    return f"{service} works again: {what}"
 
 
 class Retrying:
     """The retry state of one loop: consecutive failures, when to try next, what to log.
 
     ``failed(exc)`` answers how long to wait (and records when the next try is due, for
-    loops that poll ``is_due()`` instead of sleeping); ``succeeded()`` resets. WHAT names
-    the thing being retried in every line, for example ``"Redis: heartbeat of worker 42"``.
+    loops that poll ``is_due()`` instead of sleeping); ``succeeded()`` resets. SERVICE
+    names what went away and WHAT the loop that noticed, so every line of an outage reads
+    alike: ``Redis unreachable: heartbeat of worker 42 (TimeoutError: ...); retrying in
+    0.2 s``, then ``Redis works again: heartbeat of worker 42 (after 7 failed attempts)``.
     """
 
-    def __init__(self, logger: logging.Logger, what: str, policy: RetryPolicy = BACKING_SERVICE):
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        policy: RetryPolicy = BACKING_SERVICE,
+        *,
+        service: str = "Redis",
+    ):
         self.logger = logger
         self.what = what
+        self.service = service
         self.policy = policy
         self.failures = 0
         self.last_error: str | None = None
@@ -81,11 +103,13 @@ class Retrying:
         delay_s = self.policy.interval_s(self.failures)
         self._next_try = time.monotonic() + delay_s
         if self.failures == 1:
-            self.logger.warning("%s failed (%s); retrying in %.1f s", self.what, self.last_error, delay_s)
+            self.logger.warning(
+                "%s (%s); retrying in %.1f s", unreachable(self.service, self.what), self.last_error, delay_s
+            )
         else:
             self.logger.debug(
-                "%s failed again (%s, %d in a row); retrying in %.1f s",
-                self.what,
+                "%s (%s, %d in a row); retrying in %.1f s",
+                unreachable(self.service, self.what),
                 self.last_error,
                 self.failures,
                 delay_s,
@@ -94,7 +118,9 @@ class Retrying:
 
     def succeeded(self) -> None:
         if self.failures:
-            self.logger.info("%s works again after %d failed attempts", self.what, self.failures)
+            self.logger.info(
+                "%s (after %d failed attempts)", reachable_again(self.service, self.what), self.failures
+            )
         self.failures = 0
         self.last_error = None
         self._next_try = 0.0
@@ -118,7 +144,11 @@ def ensure(
         except retry_on as exc:
             delay_s = retrying.failed(exc)
             if retrying.is_exhausted:
-                retrying.logger.error("%s: giving up after %d attempts", retrying.what, retrying.failures)
+                retrying.logger.error(
+                    "%s: giving up after %d attempts",
+                    unreachable(retrying.service, retrying.what),
+                    retrying.failures,
+                )
                 raise
             sleep(delay_s)
         else:

@@ -15,6 +15,8 @@ from redis.exceptions import RedisError
 
 from esb.bus import Keys, parse_iso
 from esb.config import Definitions, JobDef, ServerConfig
+from esb.observe import supervision
+from esb.observe.retry import unreachable
 
 JOB_GRACE_S = 5.0
 
@@ -122,20 +124,29 @@ def _scheduler(
 def collect_status(
     client: redis.Redis, keys: Keys, config: ServerConfig, definitions: Definitions
 ) -> dict[str, Any]:
-    """Every component's facts and the verdict; Redis down is itself an unhealthy verdict."""
+    """Every component's facts and the verdict; Redis down is itself an unhealthy verdict.
+
+    The launcher's facts about its children come from a file (esb.observe.supervision), so
+    a child that keeps dying is reported even when that child is the embedded Redis.
+    """
     now = dt.datetime.now(dt.UTC)
     stale_after_s = config.observe.stale_after_s
+    launcher = supervision.read_facts(config.run_dir)
     try:
         workers = _workers(client, keys, stale_after_s, now)
         scheduler = _scheduler(client, keys, definitions, stale_after_s, now)
     except RedisError as exc:
         return {
             "healthy": False,
-            "problems": [f"Redis unreachable: {exc}"],
+            "problems": [
+                f"{unreachable('Redis', 'status')} ({type(exc).__name__}: {exc})",
+                *supervision.problems(launcher),
+            ],
             "workers": [],
             "scheduler": None,
             "notifications": [],
             "outconns": {"amqp": [], "sql": []},
+            "launcher": launcher,
         }
     problems = []
     if not any(w["alive"] for w in workers):
@@ -143,6 +154,7 @@ def collect_status(
     if not scheduler["active"]:
         problems.append("no scheduler is active")
     problems.extend(f"job {j['name']} is stale" for j in scheduler["jobs"] if j["stale"])
+    problems.extend(supervision.problems(launcher))
     return {
         "healthy": not problems,
         "problems": problems,
@@ -152,4 +164,5 @@ def collect_status(
         "scheduler": scheduler,
         "notifications": [],
         "outconns": {"amqp": [], "sql": []},
+        "launcher": launcher,
     }

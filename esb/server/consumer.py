@@ -30,7 +30,7 @@ from redis.exceptions import RedisError, ResponseError
 from esb.bus import DispatchMessage, Keys, ensure_group
 from esb.bus.dispatch import is_done, queue_finished
 from esb.config.server_conf import DispatchSection
-from esb.observe.outage import OutageNotice
+from esb.observe.retry import Retrying
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class DispatchConsumer:
             self._finisher.kill(block=True, timeout=1)
 
     def read_loop(self) -> None:
-        outage = OutageNotice(logger, "dispatch read")
+        retrying = Retrying(logger, f"dispatch read of {self.consumer_name}")
         has_group = False
         while self._running:
             try:
@@ -126,13 +126,11 @@ class DispatchConsumer:
                     count=min(self.pool.free_count(), READ_BATCH),
                     block=BLOCK_MS,
                 )
-                outage.succeeded()
+                retrying.succeeded()
             except RedisError as exc:
                 if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
                     has_group = False  # Redis lost the group (restart without persistence)
-                delay_s = outage.backoff_s()
-                outage.failed(exc, delay_s)
-                gevent.sleep(delay_s)
+                gevent.sleep(retrying.failed(exc))
                 continue
             for _stream, entries in batch or []:
                 for entry_id, fields in entries:
@@ -189,7 +187,7 @@ class DispatchConsumer:
         it, goes into the next one: a burst is acknowledged in a few round trips, and a
         lone message without delay.
         """
-        outage = OutageNotice(logger, "dispatch acknowledgement")
+        retrying = Retrying(logger, f"dispatch acknowledgement of {self.consumer_name}")
         while self.finished or not self._nothing_more_to_finish:
             self._finished_added.wait()
             self._finished_added.clear()
@@ -197,7 +195,7 @@ class DispatchConsumer:
             if not batch:
                 continue
             try:
-                self._acknowledge(batch, outage)
+                self._acknowledge(batch, retrying)
             except Exception:
                 # A fault in a run record must not end acknowledgements for good: these
                 # entries go back to the stream's pending list and are reclaimed.
@@ -206,7 +204,7 @@ class DispatchConsumer:
                     self.inflight.pop(finished.entry_id, None)
             gevent.sleep(ACK_PACING_S)
 
-    def _acknowledge(self, batch: list[Finished], outage: OutageNotice) -> None:
+    def _acknowledge(self, batch: list[Finished], retrying: Retrying) -> None:
         """Retry while Redis is unreachable: the services ran, and running them again because
         Redis was briefly away is what at-least-once allows but nobody wants."""
         while True:
@@ -221,11 +219,9 @@ class DispatchConsumer:
                     for finished in batch:
                         self._leave_pending(finished.entry_id, exc)
                     return
-                delay_s = outage.backoff_s()
-                outage.failed(exc, delay_s)
-                gevent.sleep(delay_s)
+                gevent.sleep(retrying.failed(exc))
                 continue
-            outage.succeeded()
+            retrying.succeeded()
             for finished in batch:
                 self.inflight.pop(finished.entry_id, None)
             return

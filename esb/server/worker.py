@@ -22,6 +22,7 @@ from esb.bus import (
     DispatchMessage,
     Heartbeat,
     Keys,
+    heartbeat_client,
     make_blocking_reader,
     make_redis,
     open_connections,
@@ -32,7 +33,7 @@ from esb.config import Definitions, ServerConfig, merge_units
 from esb.errors import ConfigError, OdbUnavailable, ServiceNotFound
 from esb.observe import metrics
 from esb.observe.blocking import start_block_monitor
-from esb.observe.outage import OutageNotice
+from esb.observe.retry import Retrying
 from esb.observe.status import collect_status
 from esb.odb import MODULE, UNIT, OdbStore
 from esb.scheduler.records import job_finished
@@ -43,7 +44,9 @@ from esb.service import JobInfo, ServiceRuntime, ServiceStore
 logger = logging.getLogger(__name__)
 
 ODB_POLL_S = 5.0
-POOL_SIZE = 64  # Redis connections of one worker
+POOL_SIZE = 64  # Redis connections of one worker's services
+LOOP_POOL_SIZE = 16  # Redis connections of its loops: dispatch consumer, deploy notices, status
+SERVICE_RETRIES = 3  # a service's call survives a quick Redis restart; the loops retry themselves
 METRICS_FLUSH_S = 1.0  # how often counts go from memory to prometheus_client
 
 
@@ -60,7 +63,14 @@ class WorkerRuntime:
         self.pid = os.getpid()
         self.keys = Keys(config.main.cluster)
         self.redis = make_redis(
-            config.redis_url, socket_timeout_s=config.redis.socket_timeout_s, max_connections=POOL_SIZE
+            config.redis_url,
+            socket_timeout_s=config.redis.socket_timeout_s,
+            max_connections=POOL_SIZE,
+            retries=SERVICE_RETRIES,
+        )
+        # The loops below retry by themselves (esb.observe.retry): their client fails fast.
+        self.loop_redis = make_redis(
+            config.redis_url, socket_timeout_s=config.redis.socket_timeout_s, max_connections=LOOP_POOL_SIZE
         )
         self.odb = OdbStore(config.odb_url)
         self.store = ServiceStore()
@@ -75,15 +85,18 @@ class WorkerRuntime:
         )
         self.app = metrics.counting(app)
         self.publisher: metrics.Publisher | None = None
+        observe = config.observe
         self.heartbeat = Heartbeat(
-            self.redis,
+            heartbeat_client(
+                config.redis_url, interval_s=observe.heartbeat_interval_s, ttl_s=observe.stale_after_s
+            ),
             self.keys.worker_heartbeat(self.host, self.pid),
             self._heartbeat_fields,
             interval_s=config.observe.heartbeat_interval_s,
             ttl_s=config.observe.stale_after_s,
         )
         self.consumer = DispatchConsumer(
-            client=self.redis,
+            client=self.loop_redis,
             reader=make_blocking_reader(config.redis_url, block_s=1.0),
             keys=self.keys,
             consumer_name=consumer_name(self.host, self.pid),
@@ -92,6 +105,7 @@ class WorkerRuntime:
             record=self.record_run,
         )
         self._greenlets: list[gevent.Greenlet] = []
+        self._odb_retrying = Retrying(logger, f"reload of worker {self.pid}", service="ODB")
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -166,33 +180,38 @@ class WorkerRuntime:
 
     def watch_deploys(self) -> None:
         """Reload when a deploy is announced; resubscribe after a Redis outage."""
-        outage = OutageNotice(logger, "subscription to deploy notices")
+        retrying = Retrying(logger, f"deploy notices of worker {self.pid}")
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.loop_redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self.keys.deploy_channel)
-                outage.succeeded()
+                retrying.succeeded()
                 # A deploy announced while we were not subscribed is caught by this reload.
                 self._reload_logged()
                 for _message in pubsub.listen():
                     self._reload_logged()
             except RedisError as exc:
-                outage.failed(exc, 1.0)
-                gevent.sleep(1.0)
+                gevent.sleep(retrying.failed(exc))
             finally:
                 pubsub.close()
 
     def poll_odb(self) -> None:
-        """The safety net under pub/sub: a missed notice costs at most ODB_POLL_S."""
+        """The safety net under pub/sub: a missed notice costs at most ODB_POLL_S; while the
+        ODB is away, it is tried again at the retry policy's (shorter) intervals."""
+        wait_s = ODB_POLL_S
         while True:
-            gevent.sleep(ODB_POLL_S)
-            self._reload_logged()
+            gevent.sleep(wait_s)
+            wait_s = self._reload_logged()
 
-    def _reload_logged(self) -> None:
+    def _reload_logged(self) -> float:
+        """Reload; an ODB away is logged once per outage, and the worker keeps serving its
+        generation. Answers the seconds until the ODB poll should look again."""
         try:
             self.reload()
         except OdbUnavailable as exc:
-            logger.warning("ODB unavailable (%s); keeping generation %d", exc, self.generation)
+            return min(self._odb_retrying.failed(exc), ODB_POLL_S)
+        self._odb_retrying.succeeded()
+        return ODB_POLL_S
 
     # -- metrics -------------------------------------------------------------------------
 
@@ -278,7 +297,7 @@ class WorkerRuntime:
         }
 
     def status(self) -> dict[str, Any]:
-        return collect_status(self.redis, self.keys, self.config, self.definitions)
+        return collect_status(self.loop_redis, self.keys, self.config, self.definitions)
 
 
 __all__ = ["WorkerRuntime"]

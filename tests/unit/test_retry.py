@@ -14,7 +14,7 @@ def test_intervals_step_up_to_the_ceiling():
 
 def test_an_outage_logs_one_warning_and_one_recovery(caplog):
     logger = logging.getLogger("esb.test.retry")
-    retrying = Retrying(logger, "Redis: test loop")
+    retrying = Retrying(logger, "test loop")
     with caplog.at_level(logging.DEBUG, logger="esb.test.retry"):
         for _ in range(5):
             retrying.failed(ConnectionError("refused"))
@@ -22,7 +22,8 @@ def test_an_outage_logs_one_warning_and_one_recovery(caplog):
     levels = [record.levelno for record in caplog.records]
     assert levels.count(logging.WARNING) == 1
     assert levels.count(logging.INFO) == 1
-    assert "Redis: test loop" in caplog.records[0].getMessage()
+    assert caplog.records[0].getMessage().startswith("Redis unreachable: test loop (ConnectionError: refused")
+    assert caplog.records[-1].getMessage() == "Redis works again: test loop (after 5 failed attempts)"
     assert not retrying.is_failing and retrying.last_error is None
 
 
@@ -51,3 +52,14 @@ def test_ensure_returns_once_the_call_succeeds():
     retrying = Retrying(logging.getLogger("esb.test.retry"), "x")
     assert ensure(flaky, retry_on=(ConnectionError,), retrying=retrying, sleep=lambda _s: None) == "ok"
     assert retrying.failures == 0
+
+
+def test_every_outage_line_names_the_service_that_went_away(caplog):
+    retrying = Retrying(logging.getLogger("esb.test.retry"), "poll of worker 7", service="ODB")
+    with caplog.at_level(logging.DEBUG, logger="esb.test.retry"):
+        retrying.failed(OSError("gone"))
+        retrying.failed(OSError("gone"))
+        retrying.succeeded()
+    messages = [record.getMessage() for record in caplog.records]
+    assert all(m.startswith(("ODB unreachable: poll of worker 7", "ODB works again: poll of worker 7"))
+               for m in messages), messages
