@@ -38,11 +38,18 @@ class ServiceNotFound(EsbError, LookupError):
         super().__init__(f"service {name!r} is not deployed")
 
 
-class BusUnavailable(EsbError, ConnectionError):
+class Unavailable(EsbError, ConnectionError):
+    """A backing service (Redis, the ODB, a broker, a database) cannot be used right now.
+
+    Retryable: a service that meets it lets it through, and its client gets a 503.
+    """
+
+
+class BusUnavailable(Unavailable):
     """Redis, which carries dispatch, heartbeats and deploy notices, cannot be reached."""
 
 
-class OdbUnavailable(EsbError, ConnectionError):
+class OdbUnavailable(Unavailable):
     """The ODB cannot be reached."""
 
 

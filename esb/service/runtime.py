@@ -18,7 +18,7 @@ from greenlet import GreenletExit
 from munch import Munch
 
 from esb.bus import Keys, enqueue
-from esb.errors import BadInput, ServiceFailed, ServiceNotFound, is_client_error
+from esb.errors import BadInput, ServiceFailed, ServiceNotFound, Unavailable, is_client_error
 from esb.observe import metrics
 from esb.observe.context import running_calls
 from esb.observe.logs import bounded_traceback
@@ -60,7 +60,8 @@ class ServiceRuntime:
         """Run service NAME as the outermost call of a request or message.
 
         Raises ServiceNotFound when NAME is not deployed (nothing ran); BadInput when the
-        service rejects its input with a 4xx; ServiceFailed for anything else the service
+        service rejects its input with a 4xx; Unavailable when a backing service it needs
+        is down (retryable, a 503); ServiceFailed for anything else the service
         raised (any BaseException but GreenletExit and gevent's Timeout, which pass
         through), after logging it once with the service's name, the cid and a bounded
         traceback.
@@ -68,7 +69,7 @@ class ServiceRuntime:
         cls = self._service_class(name)
         try:
             return self._handle(cls, name, payload, cid, http, job, max_depth=None)
-        except PASS_THROUGH:
+        except (*PASS_THROUGH, Unavailable):
             raise
         except BadInput as exc:
             if is_client_error(exc.status_code):

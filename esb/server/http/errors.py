@@ -13,7 +13,7 @@ import re
 
 import falcon
 
-from esb.errors import BadInput, BusUnavailable, EsbError, ServiceFailed, ServiceNotFound
+from esb.errors import BadInput, EsbError, ServiceFailed, ServiceNotFound, Unavailable
 from esb.observe import metrics
 from esb.observe.logs import bounded_traceback
 
@@ -68,7 +68,7 @@ def _serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falco
 # The status each esb error answers with; the most specific class in the MRO wins.
 STATUS_OF: dict[type[EsbError], int] = {
     ServiceNotFound: 404,
-    BusUnavailable: 503,
+    Unavailable: 503,
 }
 
 
