@@ -34,6 +34,9 @@ from pathlib import Path
 
 import redis
 
+from esb.bus import Keys
+from esb.bus.jobstate import read_job_facts
+
 ESB = [sys.executable, "-m", "esb.cli"]
 TARGET_P99_S = 0.050
 
@@ -86,7 +89,8 @@ def scheduler_only(directory: Path, client: redis.Redis, cluster: str, seconds: 
                    ) -> list[str]:
     """Run ``python -m esb.scheduler`` alone and consume its stream here as fast as it can;
     one ``firing_id|delay`` per entry read, the delay running from due time to XADD."""
-    stream, group = f"esb:{cluster}:dispatch", "workers"
+    keys = Keys(cluster)
+    stream, group = keys.dispatch, keys.dispatch_group
     client.xgroup_create(stream, group, id="0", mkstream=True)
     scheduler = subprocess.Popen([sys.executable, "-m", "esb.scheduler", str(directory)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -107,7 +111,7 @@ def scheduler_only(directory: Path, client: redis.Redis, cluster: str, seconds: 
                     read.append(f"{job['firing_id']}|{delay:.6f}")
                     pipe.xack(stream, group, entry_id)
                     pipe.xdel(stream, entry_id)
-                    clear(keys=[f"esb:{cluster}:job:{job['name']}:inflight"],
+                    clear(keys=[keys.job_inflight(job["name"])],
                           args=[job["firing_id"]], client=pipe)
             pipe.execute()
     finally:
@@ -130,7 +134,8 @@ def main() -> int:
 
     cluster = "bench" + uuid.uuid4().hex[:8]
     client = redis.Redis.from_url(args.redis, decode_responses=True)
-    key = f"esb:{cluster}:bench:runs"
+    keys = Keys(cluster)
+    key = f"{keys.prefix}bench:runs"
     base = Path(tempfile.mkdtemp(prefix="esb-sched-bench-"))
     directory = base / "server"
     try:
@@ -154,12 +159,10 @@ def main() -> int:
         if not args.scheduler_only:
             esb("stop", str(directory))
             entries = client.lrange(key, 0, -1)
-        missed_by_scheduler = sum(
-            int(client.hget(f"esb:{cluster}:job:bench-{i:04d}", "missed") or 0)
-            for i in range(args.jobs)
-        )
+        names = [f"bench-{i:04d}" for i in range(args.jobs)]
+        missed_by_scheduler = sum(facts.missed for facts in read_job_facts(client, keys, names))
     finally:
-        for stale in client.scan_iter(match=f"esb:{cluster}:*", count=1000):
+        for stale in client.scan_iter(match=f"{keys.prefix}*", count=1000):
             client.delete(stale)
         shutil.rmtree(base, ignore_errors=True)
 

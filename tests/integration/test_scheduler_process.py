@@ -1,5 +1,5 @@
 """The scheduler process against real Redis and an SQLite ODB: what it puts on the dispatch
-stream, read back by a stand-in worker that runs the real consumer-side protocol."""
+stream, run by a stand-in worker around esb's own dispatch consumer."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from esb.observe.status import collect_status
 from esb.odb import UNIT
 from tests.helpers import wait_until
 from tests.integration.scheduler_support import (
-    FakeWorker,
     SchedulerProc,
     ServerDir,
+    StandInWorker,
     job_toml,
     make_server_dir,
 )
@@ -33,7 +33,7 @@ from tests.integration.scheduler_support import (
 def server(tmp_path, cluster):
     made: list[ServerDir] = []
     procs: list[SchedulerProc] = []
-    workers: list[FakeWorker] = []
+    workers: list[StandInWorker] = []
 
     def make(units: dict[str, str], scheduler: dict | None = None) -> ServerDir:
         made.append(make_server_dir(tmp_path, cluster, units=units, scheduler=scheduler))
@@ -56,8 +56,8 @@ def start_scheduler(make, server_dir: ServerDir) -> SchedulerProc:
     return proc
 
 
-def start_worker(make, server_dir: ServerDir, run_s: float = 0.0) -> FakeWorker:
-    worker = FakeWorker(server_dir, run_s=run_s).start()
+def start_worker(make, server_dir: ServerDir, run_s: float = 0.0) -> StandInWorker:
+    worker = StandInWorker(server_dir, run_s=run_s).start()
     make.workers.append(worker)
     return worker
 
@@ -310,3 +310,4 @@ def test_status_reports_no_active_scheduler_while_it_is_down(server):
     start_scheduler(server, sd)
     wait_until(lambda: "no scheduler is active" not in problems(), 10,
                message="status sees the scheduler back")
+
