@@ -1,4 +1,8 @@
-"""Every Redis key and channel esb uses, built in one place under one prefix per cluster."""
+"""Every Redis key and channel esb uses, built in one place under one prefix per cluster.
+
+One order everywhere: ``esb:<cluster>:<subsystem>:...``, so that a subsystem's keys sit
+together in ``SCAN`` and ``redis-cli --bigkeys``, and a pattern per subsystem is a prefix.
+"""
 
 from __future__ import annotations
 
@@ -13,46 +17,36 @@ class Keys:
         self.dispatch_group = "workers"
         # Pub/sub channel announcing a new ODB generation (hot deploy, definitions).
         self.deploy_channel = self.prefix + "deploy"
-        self.scheduler_lease = self.prefix + "lease:scheduler"
+        self.scheduler_lease = self.prefix + "scheduler:lease"
         # Manual "run this job now" requests for the active scheduler.
         self.scheduler_commands = self.prefix + "scheduler:commands"
+
+    def done(self, msg_id: str) -> str:
+        """Marks a dispatched message id as finished, to de-duplicate redeliveries."""
+        return f"{self.prefix}dispatch:done:{msg_id}"
 
     def scheduler_reply(self, request_id: str) -> str:
         """The active scheduler's answer to one manual request on ``scheduler_commands``."""
         return f"{self.prefix}scheduler:reply:{request_id}"
 
-    def done(self, msg_id: str) -> str:
-        """Marks a dispatched message id as finished, to de-duplicate redeliveries."""
-        return f"{self.prefix}done:{msg_id}"
-
-    def worker_heartbeat(self, host: str, pid: int) -> str:
-        return f"{self.prefix}hb:worker:{host}:{pid}"
-
-    @property
-    def worker_heartbeat_pattern(self) -> str:
-        return f"{self.prefix}hb:worker:*"
-
     def scheduler_heartbeat(self, host: str, pid: int) -> str:
-        return f"{self.prefix}hb:scheduler:{host}:{pid}"
+        return f"{self.prefix}scheduler:hb:{host}:{pid}"
 
     @property
     def scheduler_heartbeat_pattern(self) -> str:
-        return f"{self.prefix}hb:scheduler:*"
+        return f"{self.prefix}scheduler:hb:*"
+
+    def worker_heartbeat(self, host: str, pid: int) -> str:
+        return f"{self.prefix}worker:hb:{host}:{pid}"
+
+    @property
+    def worker_heartbeat_pattern(self) -> str:
+        return f"{self.prefix}worker:hb:*"
 
     def job_state(self, job: str) -> str:
-        """Hash of a job's run record: runs, missed, last_run, last_duration_s, last_error..."""
+        """Hash of a job's schedule and run record; its owner is ``esb.bus.jobstate``."""
         return f"{self.prefix}job:{job}"
 
     def job_inflight(self, job: str) -> str:
         """The firing id of a job's run in progress; absent when none runs."""
         return f"{self.prefix}job:{job}:inflight"
-
-    @property
-    def job_state_pattern(self) -> str:
-        return f"{self.prefix}job:*"
-
-    def notify_lease(self, name: str) -> str:
-        return f"{self.prefix}lease:notify:{name}"
-
-    def notify_state(self, name: str) -> str:
-        return f"{self.prefix}notify:{name}"

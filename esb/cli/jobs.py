@@ -12,11 +12,13 @@ import argparse
 import sys
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from esb.bus import Keys, make_redis
 from esb.cli.common import BAD_CONFIG, FAILURE, OK, load_or_exit, print_json
 from esb.config import merge_units
 from esb.errors import BusUnavailable, ConfigError, OdbUnavailable
-from esb.observe.status import collect_status
+from esb.observe.status import job_rows
 from esb.odb import UNIT, OdbStore
 from esb.scheduler import request_run
 
@@ -59,11 +61,11 @@ def run(args: argparse.Namespace) -> int:
         return FAILURE
     finally:
         odb.dispose()
-    status = collect_status(client, keys, config, definitions)
-    if status.get("scheduler") is None:
-        print(f"esb jobs: {'; '.join(status.get('problems', []))}", file=sys.stderr)
+    try:
+        jobs = job_rows(client, keys, definitions)
+    except RedisError as exc:
+        print(f"esb jobs: Redis unreachable: {exc}", file=sys.stderr)
         return FAILURE
-    jobs = status["scheduler"]["jobs"]
     if args.json:
         print_json(jobs)
     else:

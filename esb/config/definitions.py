@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from esb.config.schedule import schedule_problem, trigger_problem
 from esb.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -147,11 +148,19 @@ def resolve_env(text: str, file: str, key: str, environ: Mapping[str, str]) -> s
     return _ENV_REF.sub(lookup, text)
 
 
-def parse_unit(file: str, text: str, *, environ: Mapping[str, str] | None = None) -> dict[str, list[Any]]:
+def parse_unit(
+    file: str,
+    text: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    check_triggers: bool = True,
+) -> dict[str, list[Any]]:
     """Parse one TOML unit into {kind: [Def, ...]}; raises ConfigError with file, key, reason.
 
     With ``environ`` None, ``$ENV{...}`` references are checked for form but left unresolved
-    (a deploying client may not share the server's environment).
+    (a deploying client may not share the server's environment). ``check_triggers`` False
+    skips building each job's trigger (APScheduler): for readers of units that were checked
+    on deploy and that build no trigger, such as the workers.
     """
     try:
         data = tomllib.loads(text)
@@ -173,7 +182,10 @@ def parse_unit(file: str, text: str, *, environ: Mapping[str, str] | None = None
                 raise ConfigError(file, kind, f"must be an array of tables: [[{kind}]]")
             for index, table in enumerate(tables):
                 where = f"{kind}[{index}]"
-                result.setdefault(kind, []).append(_build(KINDS[kind], table, file, where, environ))
+                obj = _build(KINDS[kind], table, file, where, environ)
+                if check_triggers and kind == "scheduler.job":
+                    _check_trigger(obj, file, where)
+                result.setdefault(kind, []).append(obj)
     for kind, defs in result.items():
         seen: set[str] = set()
         for index, obj in enumerate(defs):
@@ -280,37 +292,17 @@ def _check_channel(obj: HttpChannelDef, file: str, where: str) -> None:
 
 def _check_job(obj: JobDef, file: str, where: str) -> None:
     _check_name(obj, file, where)
-    _need(
-        obj.type in ("one_time", "interval", "cron"),
-        file,
-        f"{where}.type",
-        "must be one_time, interval or cron",
-    )
-    if obj.type == "interval":
-        _need(
-            obj.interval_s > 0,
-            file,
-            f"{where}.seconds",
-            "an interval job needs weeks, days, hours, minutes or seconds",
-        )
-    if obj.type == "cron":
-        _need(
-            bool(obj.cron) and len(obj.cron.split()) == 5,
-            file,
-            f"{where}.cron",
-            "a cron job needs a five-field crontab expression",
-        )
-    if obj.type == "one_time":
-        _need(obj.start_date is not None, file, f"{where}.start_date", "a one_time job needs start_date")
+    problem = schedule_problem(obj)
+    if problem is not None:
+        _need(False, file, f"{where}.{problem[0]}", problem[1])
     if obj.repeats is not None:
         _need(obj.repeats >= 1, file, f"{where}.repeats", "must be at least 1")
     _need(obj.on_overlap in ("skip", "wait"), file, f"{where}.on_overlap", "must be skip or wait")
     if obj.misfire_grace_s is not None:
         _need(obj.misfire_grace_s >= 0, file, f"{where}.misfire_grace_s", "must not be negative")
-    # Imported here: the scheduler's trigger mapping is the one judge of a schedule, and
-    # config must not pull APScheduler in for every other caller at import time.
-    from esb.scheduler.triggers import trigger_problem
 
+
+def _check_trigger(obj: JobDef, file: str, where: str) -> None:
     problem = trigger_problem(obj)
     if problem is not None:
         _need(False, file, f"{where}.{problem[0]}", problem[1])
@@ -336,17 +328,21 @@ _CHECKS = {
 
 
 def merge_units(
-    units: Iterable[tuple[str, str]], *, environ: Mapping[str, str] | None = os.environ
+    units: Iterable[tuple[str, str]],
+    *,
+    environ: Mapping[str, str] | None = os.environ,
+    check_triggers: bool = True,
 ) -> Definitions:
     """Parse and validate every (unit name, TOML text) together: all or nothing.
 
     Names are unique per kind across units; references (security, outconn) must resolve;
-    channel paths must be unique.
+    channel paths must be unique. ``check_triggers``: see ``parse_unit``.
     """
     objects: dict[str, dict[str, Any]] = {}
     unit_of: dict[tuple[str, str], str] = {}
     for unit, text in units:
-        for kind, defs in parse_unit(unit, text, environ=environ).items():
+        parsed = parse_unit(unit, text, environ=environ, check_triggers=check_triggers)
+        for kind, defs in parsed.items():
             for obj in defs:
                 other = unit_of.get((kind, obj.name))
                 if other is not None:

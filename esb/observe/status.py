@@ -14,6 +14,7 @@ import redis
 from redis.exceptions import RedisError
 
 from esb.bus import Keys, parse_iso
+from esb.bus.jobstate import JobFacts, read_job_facts
 from esb.config import Definitions, JobDef, ServerConfig
 from esb.observe import supervision
 from esb.observe.retry import unreachable
@@ -55,19 +56,46 @@ def _workers(client: redis.Redis, keys: Keys, stale_after_s: float, now: dt.date
     return sorted(workers, key=lambda w: (w["host"] or "", w["pid"]))
 
 
-def _job_is_stale(job: JobDef, state: dict[str, str], now: dt.datetime) -> bool:
+def _job_is_stale(job: JobDef, facts: JobFacts, now: dt.datetime) -> bool:
     """A job is stale when it should have run since its last run (or since it was defined)
     and did not: older than twice its interval plus a grace."""
     if job.paused or job.type == "one_time":
         return False
-    if state.get("sig") and state.get("next_run") == "":
+    if facts.has_no_fire_time:
         return False  # the scheduler placed it and found no further fire time: it is done
     if job.type == "interval":
-        reference = state.get("last_run") or state.get("defined_at")
-        age = _age_s(reference, now)
+        age = _age_s(facts.last_run or facts.defined_at, now)
         return age is not None and age > 2 * job.interval_s + JOB_GRACE_S
-    overdue = _age_s(state.get("next_run"), now)
+    overdue = _age_s(facts.next_run, now)
     return overdue is not None and overdue > JOB_GRACE_S
+
+
+def job_rows(
+    client: redis.Redis, keys: Keys, definitions: Definitions, now: dt.datetime | None = None
+) -> list[dict[str, Any]]:
+    """One row per defined job, by name: its schedule's facts and whether it is stale.
+
+    Raises RedisError.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    jobs = sorted(definitions.jobs.values(), key=lambda j: j.name)
+    facts = read_job_facts(client, keys, [job.name for job in jobs])
+    return [
+        {
+            "name": job.name,
+            "service": job.service,
+            "type": job.type,
+            "paused": job.paused,
+            "next_run": fact.next_run,
+            "last_run": fact.last_run,
+            "last_duration_s": fact.last_duration_s,
+            "runs": fact.runs,
+            "missed": fact.missed,
+            "last_error": fact.last_error,
+            "stale": _job_is_stale(job, fact, now),
+        }
+        for job, fact in zip(jobs, facts, strict=True)
+    ]
 
 
 def _scheduler(
@@ -97,28 +125,7 @@ def _scheduler(
         if instances
         else {"pid": None, "host": None, "alive": False, "active": False, "last_heartbeat": None}
     )
-    pipe = client.pipeline(transaction=False)
-    jobs = sorted(definitions.jobs.values(), key=lambda j: j.name)
-    for job in jobs:
-        pipe.hgetall(keys.job_state(job.name))
-    job_rows = []
-    for job, state in zip(jobs, pipe.execute(), strict=True):
-        job_rows.append(
-            {
-                "name": job.name,
-                "service": job.service,
-                "type": job.type,
-                "paused": job.paused,
-                "next_run": state.get("next_run") or None,
-                "last_run": state.get("last_run") or None,
-                "last_duration_s": float(state["last_duration_s"]) if state.get("last_duration_s") else None,
-                "runs": int(state.get("runs", 0)),
-                "missed": int(state.get("missed", 0)),
-                "last_error": state.get("last_error") or None,
-                "stale": _job_is_stale(job, state, now),
-            }
-        )
-    return shown | {"instances": instances, "jobs": job_rows}
+    return shown | {"instances": instances, "jobs": job_rows(client, keys, definitions, now)}
 
 
 def collect_status(
@@ -144,8 +151,6 @@ def collect_status(
             ],
             "workers": [],
             "scheduler": None,
-            "notifications": [],
-            "outconns": {"amqp": [], "sql": []},
             "launcher": launcher,
         }
     problems = []
@@ -162,7 +167,5 @@ def collect_status(
         "checked_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "workers": workers,
         "scheduler": scheduler,
-        "notifications": [],
-        "outconns": {"amqp": [], "sql": []},
         "launcher": launcher,
     }

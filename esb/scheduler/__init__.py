@@ -20,10 +20,16 @@ Semantics of a ``[[scheduler.job]]``, per job:
 - ``paused = true``: no firings; resuming continues from then on, not counting the pause.
 - a firing's id is ``<job>@<scheduled time>``, the dispatch message id, so a firing runs
   once when nothing failed; ``esb jobs DIR run NAME`` fires ``<job>@manual-<hex>``.
+
+One firing, file by file: ``esb/config/schedule.py`` (the job's trigger) ->
+``jobs.py`` (the heap of next fire times, ``JobTable.pop_due``) -> ``process.py``
+(``SchedulerProcess.tick``) -> ``dispatcher.py`` (misfire policy, one pipeline) ->
+``esb/bus/jobstate.py`` (the fenced dispatch script: lease, de-duplication, overlap,
+repeats, the stream entry) -> ``esb/server/consumer.py`` (read, run, acknowledge) ->
+``esb/server/worker.py`` (the service; its run recorded by ``jobstate.record_run``).
 """
 
 from esb.scheduler.commands import Reply, request_run
 from esb.scheduler.firings import firing_id, plan_firings
-from esb.scheduler.triggers import make_trigger, trigger_problem
 
-__all__ = ["Reply", "firing_id", "make_trigger", "plan_firings", "request_run", "trigger_problem"]
+__all__ = ["Reply", "firing_id", "plan_firings", "request_run"]

@@ -1,8 +1,8 @@
-"""Firings: their stable ids and the misfire policy, as pure functions.
+"""Firings: their stable ids, their stream message, and the misfire policy, as pure functions.
 
 A firing's id is the job name and its scheduled time, so the same firing computed by two
 schedulers, or by one scheduler before and after a restart, has the same id, and the
-workers' de-duplication on message ids runs it at most once when nothing failed.
+dispatch script adds it to the stream at most once.
 """
 
 from __future__ import annotations
@@ -11,20 +11,15 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass, field
 
+from esb.bus import DispatchMessage
+from esb.bus.jobstate import iso
+from esb.config import JobDef
+
 UTC = dt.UTC
 
-
-def iso(moment: dt.datetime) -> str:
-    """UTC, microseconds, 'Z': the one spelling of a time in firing ids and job state."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def epoch_ms(moment: dt.datetime) -> int:
-    return round(moment.timestamp() * 1000)
-
-
-def from_epoch_ms(value: int | str) -> dt.datetime:
-    return dt.datetime.fromtimestamp(int(value) / 1000, tz=UTC)
+# A firing dispatched this late is on time, whatever the grace: it is the scheduler's own
+# latency (a busy loop, a slow Redis round trip), not a misfire.
+ON_TIME_S = 1.0
 
 
 def firing_id(job: str, scheduled_at: dt.datetime) -> str:
@@ -35,6 +30,14 @@ def firing_id(job: str, scheduled_at: dt.datetime) -> str:
 def manual_firing_id(job: str) -> str:
     """A firing asked for by hand (``esb jobs DIR run NAME``) is new every time."""
     return f"{job}@manual-{uuid.uuid4().hex[:12]}"
+
+
+def firing_message(job: JobDef, fid: str, scheduled_at: dt.datetime) -> DispatchMessage:
+    """The stream message of one firing; the worker builds ``request.job`` from ``job``."""
+    return DispatchMessage(
+        msg_id=fid, service=job.service, payload=job.payload, cid=fid,
+        job={"name": job.name, "firing_id": fid, "scheduled_at": iso(scheduled_at)},
+    )
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,6 @@ class FiringPlan:
     @property
     def missed(self) -> int:
         return len(self.late) + len(self.coalesced)
-
-
-# A firing dispatched this late is on time, whatever the grace: it is the scheduler's own
-# latency (a busy thread, a slow Redis round trip), not a misfire.
-ON_TIME_S = 1.0
 
 
 def plan_firings(

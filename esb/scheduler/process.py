@@ -1,14 +1,17 @@
-"""The scheduler process: APScheduler with a dispatching executor, a lease, a heartbeat.
+"""The scheduler process: one loop that owns the jobs, in the shape of celery beat.
 
-Threads: APScheduler's own (finds due jobs, hands them to the executor), the dispatcher
-(puts firings on the Redis stream), the heartbeat and the deploy-notice listener. The
-main thread runs ``SchedulerProcess.run``: signal handlers only record the signal, and
-the loop acts on it, renews or takes the lease, keeps the job store equal to the ODB
-and serves manual requests. Every Redis or ODB failure is retried with backoff.
+``SchedulerProcess.tick()`` is the whole of it: renew or take the lease; if active, send
+the firings that fell due (``JobTable.pop_due`` -> ``Dispatcher.send``, one pipeline);
+read deploy notices and bring the job table up to the ODB; serve manual run requests; and
+answer how long to sleep until the next fire time. Nothing else decides anything: the
+only other thread is the heartbeat, which reads a few counters. Signal handlers only
+record the signal, and the loop acts on it. Every Redis or ODB failure is retried as
+``esb.observe.retry.BACKING_SERVICE`` says, logged once per outage.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import logging
 import os
@@ -18,46 +21,26 @@ import threading
 import time
 import uuid
 
-from apscheduler.jobstores.memory import MemoryJobStore
-from apscheduler.schedulers.background import BackgroundScheduler
+from redis.client import PubSub
 from redis.exceptions import RedisError
 
 from esb.bus import Heartbeat, Keys, make_redis, utc_now_iso
+from esb.bus.jobstate import JobState
 from esb.config import ServerConfig
 from esb.errors import OdbUnavailable
+from esb.observe.retry import BACKING_SERVICE, Retrying
 from esb.odb import OdbStore
 from esb.scheduler.commands import Reply, serve_commands
-from esb.scheduler.executor import Dispatcher, DispatchExecutor
-from esb.scheduler.jobs import EXECUTOR, JobRegistry
+from esb.scheduler.dispatcher import Dispatcher
+from esb.scheduler.jobs import JobTable
 from esb.scheduler.lease import Lease
-from esb.scheduler.state import JobState
 
 logger = logging.getLogger(__name__)
 
-TICK_S = 0.2
-ODB_POLL_S = 2.0
-BACKOFF_MAX_S = 5.0
-
-
-class Backoff:
-    """When to try again after consecutive failures: 0.5 s doubling up to BACKOFF_MAX_S."""
-
-    def __init__(self) -> None:
-        self.failures = 0
-        self.next_try = 0.0  # time.monotonic()
-
-    def ready(self) -> bool:
-        return time.monotonic() >= self.next_try
-
-    def failed(self) -> float:
-        delay = min(0.5 * 2**self.failures, BACKOFF_MAX_S)
-        self.failures += 1
-        self.next_try = time.monotonic() + delay
-        return delay
-
-    def succeeded(self) -> None:
-        self.failures = 0
-        self.next_try = 0.0
+UTC = dt.UTC
+TICK_S = 0.2  # the longest sleep: lease, deploy notices and manual requests are this fresh
+WAIT_RETRY_S = 0.1  # how often a firing waiting for the previous run looks again
+ODB_POLL_S = 2.0  # the safety net under deploy notices
 
 
 class SchedulerProcess:
@@ -72,8 +55,16 @@ class SchedulerProcess:
         self.keys = Keys(config.main.cluster)
         self._signals: list[int] = []
         self._stopping = False
-        self._deploy_noticed = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._heartbeat_thread: threading.Thread | None = None
+        self._pubsub: PubSub | None = None
+        self.is_loaded = False  # the job table was read from the ODB once
+        self.is_active = False  # as of the last tick
+        self.needs_resync = False  # place every job again from Redis before firing
+        self._needs_refresh = True  # read the ODB at the next chance
+        self._next_lease = 0.0  # time.monotonic() deadlines
+        self._next_poll = 0.0
+        self._next_commands = 0.0
+        self._next_wait_retry = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -89,34 +80,23 @@ class SchedulerProcess:
         self.lease = Lease(self.lease_client, self.keys.scheduler_lease, self.instance,
                            ttl_s=conf.scheduler.lease_ttl_s)
         self.odb = OdbStore(conf.odb_url)
-        self.state = JobState(self.redis, self.keys, self.instance)
-        self.dispatcher = Dispatcher(
-            self.state,
-            is_active=lambda: self.lease.has_lease,
-            default_grace_s=conf.scheduler.misfire_grace_s,
-            inflight_ttl_s=conf.scheduler.inflight_ttl_s,
-            on_repeats_done=lambda name: self.registry.finish(name),
-        )
-        self.scheduler = BackgroundScheduler(
-            timezone="UTC",
-            jobstores={"default": MemoryJobStore()},
-            executors={EXECUTOR: DispatchExecutor(self.dispatcher)},
-        )
-        self.registry = JobRegistry(self.scheduler, self.odb, self.state,
-                                    recent=self.dispatcher.last_scheduled)
+        self.state = JobState(self.redis, self.keys, self.instance,
+                              inflight_ttl_s=conf.scheduler.inflight_ttl_s)
+        self.dispatcher = Dispatcher(self.state, default_grace_s=conf.scheduler.misfire_grace_s)
+        self.table = JobTable(self.odb, self.state, recent=self.dispatcher.last_scheduled)
+        self.dispatch_retry = Retrying(logger, "Redis: dispatching firings", BACKING_SERVICE)
+        self.odb_retry = Retrying(logger, "job table refresh from the ODB", BACKING_SERVICE)
+        self.notice_retry = Retrying(logger, "Redis: subscription to deploy notices",
+                                     BACKING_SERVICE)
         self.heartbeat = Heartbeat(
             self.redis, self.keys.scheduler_heartbeat(self.host, self.pid), self._heartbeat_fields,
             interval_s=conf.observe.heartbeat_interval_s, ttl_s=conf.observe.stale_after_s,
         )
 
     def start(self) -> None:
-        for target, name in ((self.dispatcher.run_forever, "dispatcher"),
-                             (self.heartbeat.run_forever, "heartbeat"),
-                             (self.listen_for_deploys, "deploy-notices")):
-            thread = threading.Thread(target=target, name=f"esb-scheduler-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        self.scheduler.start()
+        self._heartbeat_thread = threading.Thread(target=self.heartbeat.run_forever,
+                                                  name="esb-scheduler-heartbeat", daemon=True)
+        self._heartbeat_thread.start()
         logger.info("scheduler %s started (cluster %s, lease TTL %.1f s, misfire grace %d s)",
                     self.instance, self.config.main.cluster, self.config.scheduler.lease_ttl_s,
                     self.config.scheduler.misfire_grace_s)
@@ -124,13 +104,12 @@ class SchedulerProcess:
     def stop(self) -> None:
         """Stop dispatching, give the lease up at once, leave no heartbeat behind."""
         self._stopping = True
-        if self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
-        self.dispatcher.stop()
         self.lease.release()
         self.heartbeat.stop()
-        for thread in self._threads:
-            thread.join(timeout=2)
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=2)
+        if self._pubsub is not None:
+            self._pubsub.close()
         self.odb.dispose()
         logger.info("scheduler %s stopped", self.instance)
 
@@ -157,121 +136,160 @@ class SchedulerProcess:
         self.install_signals()
         self.start()
         try:
-            self.loop()
+            while not self._stopping:
+                time.sleep(self.tick())
+                self.handle_signals()
         finally:
             self.stop()
 
-    def loop(self) -> None:
-        was_active = False
-        next_lease = 0.0
-        next_poll = 0.0
-        odb_backoff = Backoff()
-        sync_backoff = Backoff()
-        loaded = False
-        while not self._stopping:
-            now = time.monotonic()
-            if now >= next_lease:
-                self.lease.refresh()
-                next_lease = now + self.lease.renew_interval_s
-            is_active = self.lease.has_lease
-            if self.dispatcher.lost_lease.is_set():
-                self.dispatcher.lost_lease.clear()
-                self.lease.forfeit()
-                is_active = False
-            if is_active != was_active:
-                self._log_role_change(is_active)
-                if is_active:
-                    self.dispatcher.needs_resync.set()
-                was_active = is_active
+    def tick(self) -> float:
+        """One round of the loop; answers how many seconds to sleep before the next."""
+        clock = time.monotonic()
+        self._check_lease(clock)
+        if self._may_fire():
+            self._fire_due(clock)
+        self._check_deploys(clock)
+        if self.is_active and self.is_loaded and clock >= self._next_commands:
+            self._next_commands = clock + TICK_S
+            try:
+                serve_commands(self.redis, self.keys, self.handle_run)
+            except RedisError as exc:
+                logger.debug("scheduler commands not read (%s)", exc)
+        return self._sleep_s()
 
-            if (self._deploy_noticed.is_set() or now >= next_poll) and odb_backoff.ready():
-                self._deploy_noticed.clear()
-                next_poll = now + ODB_POLL_S
-                try:
-                    if self.registry.refresh(force=not loaded):
-                        # PERF(esb): a full collection walked every job and stopped all
-                        # firings for about 65 ms; the job store lives until the next
-                        # deploy, so one collection now spares the ones in between.
-                        gc.collect()
-                        gc.freeze()
-                    loaded = True
-                    odb_backoff.succeeded()
-                except (OdbUnavailable, RedisError) as exc:
-                    delay = odb_backoff.failed()
-                    log = logger.warning if odb_backoff.failures == 1 else logger.debug
-                    log("job store not refreshed (%s); retrying in %.1f s", exc, delay)
+    def _may_fire(self) -> bool:
+        """Active, with jobs, and placed as Redis says (after a takeover or an outage)."""
+        if not (self.is_active and self.is_loaded):
+            return False
+        if self.needs_resync and self.dispatch_retry.is_due():
+            try:
+                self.table.resync()
+            except RedisError as exc:
+                self.dispatch_retry.failed(exc)
+            else:
+                self.needs_resync = False
+                self.dispatch_retry.succeeded()
+        return not self.needs_resync
 
-            if loaded and is_active and self.dispatcher.needs_resync.is_set() and sync_backoff.ready():
-                self.dispatcher.needs_resync.clear()
-                try:
-                    self.registry.resync()
-                    sync_backoff.succeeded()
-                except RedisError as exc:
-                    self.dispatcher.needs_resync.set()
-                    delay = sync_backoff.failed()
-                    logger.warning("resynchronising jobs with Redis failed (%s); retrying in "
-                                   "%.1f s", exc, delay)
-
-            if loaded and is_active:
-                try:
-                    serve_commands(self.redis, self.keys, self.handle_run)
-                except RedisError as exc:
-                    logger.debug("scheduler commands not read (%s)", exc)
-            time.sleep(TICK_S)
-            self.handle_signals()
-
-    def _log_role_change(self, is_active: bool) -> None:
+    def _check_lease(self, clock: float) -> None:
+        if clock >= self._next_lease:
+            self.lease.refresh()
+            self._next_lease = clock + self.lease.renew_interval_s
+        is_active = self.lease.has_lease
+        if is_active == self.is_active:
+            return
+        self.is_active = is_active
         if is_active:
             logger.info("scheduler %s holds the lease: active, dispatching", self.instance)
+            # What fell due while another scheduler (or none) was active is placed again
+            # from Redis, and the misfire policy decides what of it still runs.
+            self.needs_resync = True
         else:
             holder = self.lease.holder()
             logger.info("scheduler %s is standby (lease held by %s); keeping its jobs warm",
                         self.instance, holder or "nobody")
+            self.dispatcher.waiting.clear()
+
+    def _fire_due(self, clock: float) -> None:
+        due = self.table.pop_due(dt.datetime.now(UTC))
+        if not due and not (self.dispatcher.waiting and clock >= self._next_wait_retry):
+            return
+        self._next_wait_retry = clock + WAIT_RETRY_S
+        try:
+            sent = self.dispatcher.send(due)
+        except RedisError as exc:
+            # The firings popped here are placed again from Redis once it answers, and the
+            # misfire policy decides what of them still runs.
+            self.dispatch_retry.failed(exc)
+            self.needs_resync = True
+            return
+        self.dispatch_retry.succeeded()
+        for name in sent.finished:
+            self.table.finish(name)
+        if sent.is_lease_lost:
+            logger.warning("dispatch refused: this scheduler no longer holds the lease")
+            self.lease.forfeit()
+
+    def _check_deploys(self, clock: float) -> None:
+        """Read deploy notices; refresh the job table on one, or every ODB_POLL_S."""
+        self._read_notices()
+        if not (self._needs_refresh or clock >= self._next_poll) or not self.odb_retry.is_due():
+            return
+        self._needs_refresh = False
+        self._next_poll = clock + ODB_POLL_S
+        try:
+            if self.table.refresh(force=not self.is_loaded):
+                # PERF(esb): a full collection walked every job and stopped all firings
+                # for about 65 ms; the table lives until the next deploy, so one
+                # collection now spares the ones in between.
+                gc.collect()
+                gc.freeze()
+            self.is_loaded = True
+            self.odb_retry.succeeded()
+        except (OdbUnavailable, RedisError) as exc:
+            self._needs_refresh = True
+            self.odb_retry.failed(exc)
+
+    def _read_notices(self) -> None:
+        """Drain the deploy-notice subscription without blocking; resubscribe after an outage."""
+        if self._pubsub is None:
+            if not self.notice_retry.is_due():
+                return
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.keys.deploy_channel)
+            except RedisError as exc:
+                pubsub.close()
+                self.notice_retry.failed(exc)
+                return
+            self._pubsub = pubsub
+            self.notice_retry.succeeded()
+            self._needs_refresh = True  # a deploy announced while not subscribed
+        try:
+            while self._pubsub.get_message(timeout=0) is not None:
+                self._needs_refresh = True
+        except RedisError as exc:
+            self._pubsub.close()
+            self._pubsub = None
+            self.notice_retry.failed(exc)
+
+    def _sleep_s(self) -> float:
+        if not self._may_sleep_until_due():
+            return TICK_S
+        limit_s = WAIT_RETRY_S if self.dispatcher.waiting else TICK_S
+        soonest = self.table.soonest()
+        if soonest is None:
+            return limit_s
+        return max(0.0, min(limit_s, (soonest - dt.datetime.now(UTC)).total_seconds()))
+
+    def _may_sleep_until_due(self) -> bool:
+        return self.is_active and self.is_loaded and not self.needs_resync
+
+    # -- manual runs and facts ---------------------------------------------------------
 
     def handle_run(self, name: str) -> Reply:
         """A manual ``run NAME`` request, served by the active scheduler."""
-        job = self.registry.jobs.get(name)
-        if job is None:
+        entry = self.table.entries.get(name)
+        if entry is None:
             return Reply("unknown_job", detail=f"no job named {name!r} is defined")
         if not self.lease.has_lease:
             return Reply("standby", detail="this scheduler lost the lease; try again")
-        outcome, firing = self.dispatcher.run_now(job)
+        outcome, firing = self.dispatcher.run_now(entry.job)
         if outcome.kind == "dispatched":
             return Reply("dispatched", firing)
         if outcome.kind == "busy":
             return Reply("busy", None, f"the previous run ({outcome.detail}) is still in progress")
         return Reply(outcome.kind, None, outcome.detail)
 
-    def listen_for_deploys(self) -> None:
-        """Wake the loop when a deploy is announced; the ODB poll catches what this misses."""
-        failing = False
-        while not self._stopping:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(self.keys.deploy_channel)
-                if failing:
-                    logger.info("deploy notices: subscribed again")
-                    failing = False
-                while not self._stopping:
-                    if pubsub.get_message(timeout=1.0) is not None:
-                        self._deploy_noticed.set()
-            except RedisError as exc:
-                if not failing:
-                    logger.warning("deploy notices: Redis unavailable (%s); resubscribing; "
-                                   "the ODB poll keeps the jobs current meanwhile", exc)
-                    failing = True
-                time.sleep(1.0)
-            finally:
-                pubsub.close()
-
     def _heartbeat_fields(self) -> dict[str, str]:
+        """Read by the heartbeat thread: plain values only, nothing it could change."""
         return {
             "instance": self.instance,
             "pid": str(self.pid),
             "host": self.host,
             "active": "true" if self.lease.has_lease else "false",
             "started_at": self.started_at,
-            "generation": str(self.registry.generation),
-            "jobs": str(len(self.registry.jobs)),
+            "generation": str(self.table.generation),
+            "jobs": str(len(self.table.entries)),
             "dispatched": str(self.dispatcher.dispatched),
         }

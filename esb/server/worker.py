@@ -29,6 +29,7 @@ from esb.bus import (
     parse_iso,
     utc_now_iso,
 )
+from esb.bus.jobstate import record_run
 from esb.config import Definitions, ServerConfig, merge_units
 from esb.errors import ConfigError, OdbUnavailable, ServiceNotFound
 from esb.observe import metrics
@@ -36,7 +37,6 @@ from esb.observe.blocking import start_block_monitor
 from esb.observe.retry import Retrying
 from esb.observe.status import collect_status
 from esb.odb import MODULE, UNIT, OdbStore
-from esb.scheduler.records import job_finished
 from esb.server.consumer import DispatchConsumer, consumer_name
 from esb.server.http import compile_channels, make_app
 from esb.service import JobInfo, ServiceRuntime, ServiceStore
@@ -165,7 +165,9 @@ class WorkerRuntime:
         units = self.odb.current(UNIT)
         self.store.rebuild([(m.name, m.version, m.content) for m in modules])
         try:
-            definitions = merge_units([(u.name, u.content) for u in units])
+            # The ODB holds only units that passed every check on deploy, and a worker
+            # builds no trigger: skipping that check keeps APScheduler out of workers.
+            definitions = merge_units([(u.name, u.content) for u in units], check_triggers=False)
         except ConfigError as exc:
             logger.error(
                 "definitions of generation %d rejected here (%s); the previous ones keep serving",
@@ -282,7 +284,7 @@ class WorkerRuntime:
         """A scheduled job's run is recorded in the transaction that acknowledges it."""
         if message.job:
             job, firing = message.job["name"], message.job["firing_id"]
-            job_finished(pipe, self.keys, job, firing, duration_s, error)
+            record_run(pipe, self.keys, job, firing, duration_s, error)
 
     # -- facts -------------------------------------------------------------------------
 

@@ -131,8 +131,8 @@ def test_job_survives_kill_9_of_the_scheduler(esb_server, redis_client, cluster,
 @pytest.mark.parametrize("persistent", [True, False], ids=["aof", "data-lost"])
 def test_scheduler_rides_out_a_redis_restart(private_redis, tmp_path, persistent):
     from tests.integration.scheduler_support import (
-        FakeWorker,
         SchedulerProc,
+        StandInWorker,
         job_toml,
         make_server_dir,
         unique_cluster,
@@ -142,7 +142,7 @@ def test_scheduler_rides_out_a_redis_restart(private_redis, tmp_path, persistent
     sd = make_server_dir(tmp_path, unique_cluster(), redis_url=private_redis.url,
                          units={"jobs": job_toml("tick", type="interval", seconds=1)})
     proc = SchedulerProc(sd).start()
-    worker = FakeWorker(sd).start()
+    worker = StandInWorker(sd).start()
     try:
         wait_until(lambda: len(worker.runs) >= 3, 15, message="runs before the outage")
         grid = parse_iso(worker.runs[0].scheduled_at)

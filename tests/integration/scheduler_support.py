@@ -1,6 +1,7 @@
 """Helpers for the scheduler's integration tests: a server directory with an SQLite ODB,
-scheduler subprocesses, and a stand-in worker that consumes the real dispatch stream the
-way esb workers do (consumer group, run records, de-duplication marker, ack and delete).
+scheduler subprocesses, and a stand-in worker that runs esb's own dispatch consumer, so
+that what the scheduler puts on the stream runs as it would in a server: a firing on the
+stream twice runs twice.
 """
 
 from __future__ import annotations
@@ -10,18 +11,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
-from esb.bus import DispatchMessage, Keys, ensure_group
-from esb.bus.dispatch import finish, is_done
+from esb.bus import Keys
 from esb.odb import UNIT, OdbStore
-from esb.scheduler import records
 from tests.conftest import REDIS_URL
 
 
@@ -147,51 +145,49 @@ class Run:
     msg_id: str
 
 
-@dataclass
-class FakeWorker:
-    """Consumes the dispatch stream in a thread and records every run, like esb workers."""
+class StandInWorker:
+    """esb's real dispatch consumer in a process of its own (``stand_in_worker.py``); each
+    message it runs is one ``Run``, in the order they started."""
 
-    server: ServerDir
-    run_s: float = 0.0
-    runs: list[Run] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    def __init__(self, server: ServerDir, run_s: float = 0.0):
+        self.server = server
+        self.run_s = run_s
+        self.runs_path = server.path / f"runs-{uuid.uuid4().hex[:6]}.jsonl"
+        self.proc: subprocess.Popen | None = None
 
-    def start(self) -> FakeWorker:
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+    def start(self) -> StandInWorker:
+        log = open(self.server.path / "stand-in-worker.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.stand_in_worker", self.server.redis_url,
+             self.server.cluster, str(self.runs_path), str(self.run_s)],
+            stdout=log, stderr=log, start_new_session=True,
+        )
+        log.close()
+        ready = Path(f"{self.runs_path}.ready")
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the stand-in worker did not start (exit {self.proc.poll()})")
+            time.sleep(0.05)
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
 
-    def _loop(self) -> None:
-        client = redis.Redis.from_url(self.server.redis_url, decode_responses=True,
-                                      socket_timeout=2)
-        keys = self.server.keys
-        name = f"fake-{uuid.uuid4().hex[:6]}"
-        while not self._stop.is_set():
-            try:
-                ensure_group(client, keys)
-                batch = client.xreadgroup(keys.dispatch_group, name, {keys.dispatch: ">"},
-                                          count=10, block=200)
-                for _stream, entries in batch or []:
-                    for entry_id, fields in entries:
-                        self._run(client, keys, entry_id, DispatchMessage.from_fields(fields))
-            except redis.RedisError:
-                time.sleep(0.2)  # Redis restarting: what was not acknowledged is read again
-
-    def _run(self, client: redis.Redis, keys: Keys, entry_id: str, msg: DispatchMessage) -> None:
-        if not is_done(client, keys, msg.msg_id):
-            job = msg.job or {}
-            self.runs.append(Run(job["name"], job["firing_id"], job["scheduled_at"], msg.payload,
-                                 time.time(), msg.msg_id))
-            if self.run_s:
-                time.sleep(self.run_s)
-            records.job_finished(client, keys, job["name"], job["firing_id"], self.run_s, None)
-        finish(client, keys, entry_id, msg.msg_id, 3600)
+    @property
+    def runs(self) -> list[Run]:
+        if not self.runs_path.exists():
+            return []
+        text = self.runs_path.read_text(encoding="utf-8")
+        return [Run(**json.loads(line)) for line in text.splitlines(keepends=True)
+                if line.endswith("\n")]
 
     def firing_ids(self, job: str | None = None) -> list[str]:
         return [r.firing_id for r in self.runs if job is None or r.job == job]

@@ -21,7 +21,7 @@ def test_background_start_stop_and_status(esb_server):
 
         status = esb("status", directory, "--json")
         report = json.loads(status.stdout)
-        assert {"healthy", "workers", "scheduler", "notifications", "outconns"} <= set(report)
+        assert {"healthy", "workers", "scheduler"} <= set(report)
         assert len([w for w in report["workers"] if w["alive"]]) == 2
         launcher = int((server.directory / "run" / "esb.pid").read_text())
     finally:

@@ -1,5 +1,5 @@
 """The scheduler process against real Redis and an SQLite ODB: what it puts on the dispatch
-stream, read back by a stand-in worker that runs the real consumer-side protocol."""
+stream, run by a stand-in worker around esb's own dispatch consumer."""
 
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ import time
 import pytest
 
 from esb.bus import parse_iso
+from esb.bus.jobstate import KEEP, JobState, parse_outcome
 from esb.cli import jobs as jobs_cli
 from esb.config import load_server_config, merge_units
 from esb.observe.status import collect_status
 from esb.odb import UNIT
+from esb.scheduler.firings import firing_message
 from tests.helpers import wait_until
 from tests.integration.scheduler_support import (
-    FakeWorker,
     SchedulerProc,
     ServerDir,
+    StandInWorker,
     job_toml,
     make_server_dir,
 )
@@ -33,7 +35,7 @@ from tests.integration.scheduler_support import (
 def server(tmp_path, cluster):
     made: list[ServerDir] = []
     procs: list[SchedulerProc] = []
-    workers: list[FakeWorker] = []
+    workers: list[StandInWorker] = []
 
     def make(units: dict[str, str], scheduler: dict | None = None) -> ServerDir:
         made.append(make_server_dir(tmp_path, cluster, units=units, scheduler=scheduler))
@@ -56,8 +58,8 @@ def start_scheduler(make, server_dir: ServerDir) -> SchedulerProc:
     return proc
 
 
-def start_worker(make, server_dir: ServerDir, run_s: float = 0.0) -> FakeWorker:
-    worker = FakeWorker(server_dir, run_s=run_s).start()
+def start_worker(make, server_dir: ServerDir, run_s: float = 0.0) -> StandInWorker:
+    worker = StandInWorker(server_dir, run_s=run_s).start()
     make.workers.append(worker)
     return worker
 
@@ -310,3 +312,44 @@ def test_status_reports_no_active_scheduler_while_it_is_down(server):
     start_scheduler(server, sd)
     wait_until(lambda: "no scheduler is active" not in problems(), 10,
                message="status sees the scheduler back")
+
+
+def test_a_firing_sent_again_is_not_dispatched_twice(server):
+    """A pipeline whose reply was lost is sent again (redis-py retries it): the fenced
+    dispatch script answers "duplicate" for a firing already on the stream or run, so the
+    real consumer, which runs every new entry, runs each firing once."""
+    sd = server({"jobs": job_toml("tick", type="interval", seconds=1)})
+    proc = start_scheduler(server, sd)
+    worker = start_worker(server, sd)
+    wait_until(lambda: len(worker.runs) >= 2, 10, message="runs before the resend")
+    job = merge_units([(u.name, u.content) for u in sd.odb.current(UNIT)]).jobs["tick"]
+    # The scheduler's own script, under its own instance id, with what it sent before.
+    state = JobState(sd.client, sd.keys, proc.instance())
+    resent = worker.runs[-2:]
+    before = len(worker.runs)
+    outcomes = [
+        parse_outcome(state.dispatch(firing_message(job, run.firing_id, scheduled(run)),
+                                     scheduled(run), on_overlap=job.on_overlap, next_run=KEEP))
+        for run in resent
+    ]
+    wait_until(lambda: len(worker.runs) >= before + 2, 6, message="the schedule goes on")
+    assert_unique(worker.firing_ids())
+    assert [o.kind for o in outcomes] == ["duplicate", "duplicate"]
+
+
+def test_the_stand_in_worker_runs_a_duplicated_stream_entry_twice(server):
+    """What the tests above rely on: an entry the stream holds twice runs twice, and
+    assert_unique says so (a done-marker check would hide it)."""
+    sd = server({"jobs": job_toml("tick", type="interval", seconds=1)})
+    start_scheduler(server, sd)
+    worker = start_worker(server, sd)
+    wait_until(lambda: len(worker.runs) >= 1, 10, message="a first run")
+    first = worker.runs[0]
+    wait_until(lambda: int(sd.state("tick").get("runs", 0)) >= 1, 5, message="its run recorded")
+    job = merge_units([(u.name, u.content) for u in sd.odb.current(UNIT)]).jobs["tick"]
+    fields = firing_message(job, first.firing_id, scheduled(first)).to_fields()
+    sd.client.xadd(sd.keys.dispatch, fields)
+    wait_until(lambda: worker.firing_ids().count(first.firing_id) == 2, 6,
+               message="the duplicated entry ran again")
+    with pytest.raises(AssertionError, match="a firing ran twice"):
+        assert_unique(worker.firing_ids())

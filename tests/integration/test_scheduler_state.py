@@ -1,4 +1,5 @@
-"""The scheduler's Redis scripts against real Redis: fencing, de-duplication, overlap."""
+"""The job-state scripts (esb.bus.jobstate) against real Redis: fencing, de-duplication,
+overlap, repeats, adoption."""
 
 from __future__ import annotations
 
@@ -8,11 +9,9 @@ import pytest
 import redis
 
 from esb.bus import Keys
+from esb.bus.jobstate import JobState, parse_outcome, record_run
 from esb.config import JobDef
-from esb.scheduler.executor import Dispatcher
-from esb.scheduler.firings import firing_id
-from esb.scheduler.records import job_finished
-from esb.scheduler.state import JobState, parse_outcome
+from esb.scheduler.firings import firing_id, firing_message
 from tests.conftest import REDIS_URL
 from tests.integration.scheduler_support import unique_cluster
 
@@ -42,10 +41,8 @@ def at(seconds: float) -> dt.datetime:
 
 def dispatch(state: JobState, scheduled_at, job: JobDef = JOB, on_overlap: str = "skip"):
     fid = firing_id(job.name, scheduled_at)
-    keys, args = state.dispatch_args(job.name, Dispatcher.message(job, fid, scheduled_at),
-                                     scheduled_at, inflight_ttl_ms=60_000,
-                                     on_overlap=on_overlap, next_run="")
-    return parse_outcome(state.dispatch_script(keys=keys, args=args))
+    return parse_outcome(state.dispatch(firing_message(job, fid, scheduled_at), scheduled_at,
+                                        on_overlap=on_overlap, next_run=""))
 
 
 def test_only_the_lease_holder_dispatches(env):
@@ -61,7 +58,7 @@ def test_a_firing_is_dispatched_once(env):
     client, keys = env
     state = active_state(client, keys)
     assert dispatch(state, at(1)).kind == "dispatched"
-    job_finished(client, keys, "tick", firing_id("tick", at(1)), 0.0, None)
+    record_run(client, keys, "tick", firing_id("tick", at(1)), 0.0, None)
     assert dispatch(state, at(1)).kind == "duplicate"
     assert dispatch(state, at(0.5)).kind == "duplicate"  # older than the last handled
     assert client.xlen(keys.dispatch) == 1
@@ -75,7 +72,7 @@ def test_overlap_skip_counts_missed_and_wait_reports_busy(env):
     assert skipped.kind == "skipped" and skipped.detail == firing_id("tick", at(1))
     assert client.hget(keys.job_state("tick"), "missed") == "1"
     assert dispatch(state, at(3), on_overlap="wait").kind == "busy"
-    job_finished(client, keys, "tick", firing_id("tick", at(1)), 0.1, None)
+    record_run(client, keys, "tick", firing_id("tick", at(1)), 0.1, None)
     assert dispatch(state, at(3), on_overlap="wait").kind == "dispatched"
     assert client.get(keys.job_inflight("tick")) == firing_id("tick", at(3))
 
@@ -94,8 +91,7 @@ def test_missed_firings_are_counted_once(env):
     client, keys = env
     state = active_state(client, keys)
     for _ in range(2):
-        rkeys, args = state.missed_args("tick", [at(1), at(2), at(3)])
-        state.missed_script(keys=rkeys, args=args)
+        state.count_missed("tick", [at(1), at(2), at(3)])
     fields = client.hgetall(keys.job_state("tick"))
     assert fields["missed"] == "3"
     assert dispatch(state, at(3)).kind == "duplicate"
@@ -135,12 +131,10 @@ def test_no_dispatch_past_the_repeats(env):
     def fire(seconds: float):
         scheduled_at = at(seconds)
         fid = firing_id(job.name, scheduled_at)
-        rkeys, args = state.dispatch_args(job.name, Dispatcher.message(job, fid, scheduled_at),
-                                          scheduled_at, inflight_ttl_ms=60_000,
-                                          on_overlap="skip", next_run="", repeats=job.repeats)
-        return parse_outcome(state.dispatch_script(keys=rkeys, args=args))
+        return parse_outcome(state.dispatch(firing_message(job, fid, scheduled_at), scheduled_at,
+                                            on_overlap="skip", next_run="", repeats=job.repeats))
 
     assert fire(1).kind == "dispatched"
-    job_finished(client, keys, "tick", firing_id("tick", at(1)), 0.0, None)
+    record_run(client, keys, "tick", firing_id("tick", at(1)), 0.0, None)
     assert fire(2).kind == "done"
     assert client.xlen(keys.dispatch) == 1

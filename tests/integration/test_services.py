@@ -90,7 +90,7 @@ def check_admin_endpoints(server: Server) -> None:
         return report if len([w for w in report["workers"] if w["alive"]]) == 2 else None
 
     report = wait_until(status, message="/esb/status listing both workers")
-    assert {"healthy", "workers", "scheduler", "notifications", "outconns"} <= set(report)
+    assert {"healthy", "workers", "scheduler"} <= set(report)
     assert all({"pid", "alive", "last_heartbeat"} <= set(w) for w in report["workers"])
 
     echoed = server.invoke("demo.echo", {"a": [1, 2]})

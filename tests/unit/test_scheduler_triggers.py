@@ -1,4 +1,5 @@
-"""Job definitions -> APScheduler triggers, and where a (re)built schedule continues."""
+"""Job definitions -> APScheduler triggers (esb.config.schedule), and where a (re)built
+schedule continues (esb.scheduler.jobs)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,9 @@ import datetime as dt
 import pytest
 
 from esb.config import JobDef, merge_units
+from esb.config.schedule import crontab_day_of_week, make_trigger, schedule_signature
 from esb.errors import ConfigError
-from esb.scheduler.triggers import (
-    crontab_day_of_week,
-    first_fire_time,
-    make_trigger,
-    schedule_signature,
-)
+from esb.scheduler.jobs import first_fire_time
 
 UTC = dt.UTC
 T0 = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)

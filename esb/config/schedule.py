@@ -1,6 +1,13 @@
-"""Job definitions -> APScheduler 3 triggers, anchored so that every scheduler computes the
-same fire times: an interval job's times are ``defined_at + k * interval`` (or count from
-its ``start_date``), whichever process computes them and however often it restarts.
+"""A job's schedule: its moments, its crontab fields and its APScheduler 3 trigger, and the
+one judge of whether a ``[[scheduler.job]]`` can be scheduled.
+
+Both the definitions (to reject a unit on deploy) and the scheduler (to fire) come here.
+Triggers are anchored so that every scheduler computes the same fire times: an interval
+job's times are ``defined_at + k * interval`` (or count from its ``start_date``), whichever
+process computes them and however often it restarts.
+
+APScheduler is imported only where a trigger is built: workers read job definitions but
+never build a trigger, and never load APScheduler.
 """
 
 from __future__ import annotations
@@ -9,16 +16,16 @@ import datetime as dt
 import hashlib
 import json
 import re
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.date import DateTrigger
-from apscheduler.triggers.interval import IntervalTrigger
+if TYPE_CHECKING:
+    from apscheduler.triggers.base import BaseTrigger
 
-from esb.config.definitions import JobDef
+    from esb.config.definitions import JobDef
 
 UTC = dt.UTC
+JOB_TYPES = ("one_time", "interval", "cron")
 
 # Crontab numbers days of the week from Sunday (0 or 7); APScheduler 3 numbers them from
 # Monday. Names mean the same to both, so numeric day-of-week fields are rewritten as names.
@@ -41,6 +48,14 @@ def parse_moment(value: str, timezone: str = "UTC") -> dt.datetime:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=ZoneInfo(timezone))
     return moment
+
+
+def cron_fields(expression: str | None) -> list[str]:
+    """The five fields of a crontab expression; raises ValueError for another count."""
+    fields = (expression or "").split()
+    if len(fields) != 5:
+        raise ValueError("a cron job needs a five-field crontab expression")
+    return fields
 
 
 def crontab_day_of_week(field: str) -> str:
@@ -72,6 +87,10 @@ def make_trigger(job: JobDef, defined_at: dt.datetime) -> BaseTrigger:
 
     Raises ValueError (or ZoneInfoNotFoundError) when the definition cannot be scheduled.
     """
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.date import DateTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
     timezone = ZoneInfo(job.timezone)
     start = parse_moment(job.start_date, job.timezone) if job.start_date else None
     end = parse_moment(job.end_date, job.timezone) if job.end_date else None
@@ -88,10 +107,7 @@ def make_trigger(job: JobDef, defined_at: dt.datetime) -> BaseTrigger:
             seconds=job.interval_s, start_date=first, end_date=end, timezone=timezone
         )
     if job.type == "cron":
-        fields = (job.cron or "").split()
-        if len(fields) != 5:
-            raise ValueError("a cron job needs a five-field crontab expression")
-        minute, hour, day, month, day_of_week = fields
+        minute, hour, day, month, day_of_week = cron_fields(job.cron)
         return CronTrigger(
             minute=minute, hour=hour, day=day, month=month,
             day_of_week=crontab_day_of_week(day_of_week),
@@ -100,8 +116,22 @@ def make_trigger(job: JobDef, defined_at: dt.datetime) -> BaseTrigger:
     raise ValueError(f"unknown job type {job.type!r}")
 
 
-def trigger_problem(job: JobDef) -> tuple[str, str] | None:
-    """(key, reason) when JOB cannot be scheduled, else None; used to validate definitions."""
+def schedule_problem(job: JobDef) -> tuple[str, str] | None:
+    """(key, reason) when JOB's schedule is incomplete or unreadable, else None.
+
+    Checks what a definition alone tells; ``trigger_problem`` then builds the trigger.
+    """
+    if job.type not in JOB_TYPES:
+        return "type", "must be one_time, interval or cron"
+    if job.type == "interval" and job.interval_s <= 0:
+        return "seconds", "an interval job needs weeks, days, hours, minutes or seconds"
+    if job.type == "cron":
+        try:
+            cron_fields(job.cron)
+        except ValueError as exc:
+            return "cron", str(exc)
+    if job.type == "one_time" and job.start_date is None:
+        return "start_date", "a one_time job needs start_date"
     try:
         ZoneInfo(job.timezone)
     except (ZoneInfoNotFoundError, ValueError):
@@ -113,6 +143,12 @@ def trigger_problem(job: JobDef) -> tuple[str, str] | None:
                 parse_moment(value, job.timezone)
             except ValueError:
                 return key, f"not an ISO 8601 date-time: {value!r}"
+    return None
+
+
+def trigger_problem(job: JobDef) -> tuple[str, str] | None:
+    """(key, reason) when JOB passes ``schedule_problem`` but APScheduler cannot build its
+    trigger (a cron field out of range, say), else None."""
     try:
         make_trigger(job, dt.datetime.now(UTC))
     except ValueError as exc:
@@ -125,25 +161,3 @@ def schedule_signature(job: JobDef) -> str:
     facts = {name: getattr(job, name) for name in _SCHEDULE_FIELDS}
     text = json.dumps(facts, sort_keys=True, default=str)
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:16]
-
-
-def first_fire_time(
-    trigger: BaseTrigger,
-    now: dt.datetime,
-    *,
-    defined_at: dt.datetime,
-    last_scheduled: dt.datetime | None,
-    resumed_at: dt.datetime | None,
-) -> dt.datetime | None:
-    """Where a (re)built job's schedule continues; None when it will never fire again.
-
-    After the last firing this cluster handled, the schedule continues with the one after
-    it, even when that is in the past: the misfire policy then decides what runs. A job
-    that was resumed after a pause continues from the moment of its resumption, so a
-    pause is not counted as missed firings.
-    """
-    if resumed_at is not None and (last_scheduled is None or resumed_at > last_scheduled):
-        return trigger.get_next_fire_time(None, max(resumed_at, defined_at))
-    if last_scheduled is not None:
-        return trigger.get_next_fire_time(last_scheduled, now)
-    return trigger.get_next_fire_time(None, defined_at)
