@@ -96,8 +96,16 @@ class Retrying:
         """True when a loop that polls may try again."""
         return time.monotonic() >= self._next_try
 
-    def failed(self, exc: BaseException) -> float:
-        """Record one failure and answer the seconds to wait before the next attempt."""
+    def seconds_until_due(self) -> float:
+        return max(self._next_try - time.monotonic(), 0.0)
+
+    def failed(self, exc: BaseException, *, service: str | None = None) -> float:
+        """Record one failure and answer the seconds to wait before the next attempt.
+
+        SERVICE names what went away this time, for a loop that talks to more than one.
+        """
+        if service is not None:
+            self.service = service
         self.failures += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
         delay_s = self.policy.interval_s(self.failures)

@@ -16,6 +16,7 @@ import redis
 from redis.exceptions import RedisError
 
 from esb.bus.scripts import LuaScript
+from esb.observe.retry import Retrying
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class Lease:
         self._valid_until = 0.0  # time.monotonic()
         self._renew = LuaScript(client, _RENEW)
         self._release = LuaScript(client, _RELEASE)
-        self._failing = False
+        # The renewal loop is the scheduler's tick; this only keeps the outage's words.
+        self._retrying = Retrying(logger, f"scheduler lease {key} (standing by until it answers)")
 
     @property
     def has_lease(self) -> bool:
@@ -70,14 +72,9 @@ class Lease:
                 self.client.set(self.key, self.instance, nx=True, px=self.ttl_ms)
             )
         except RedisError as exc:
-            if not self._failing:
-                logger.warning("scheduler lease %s: Redis unavailable (%s); standing by until "
-                               "it answers", self.key, exc)
-                self._failing = True
+            self._retrying.failed(exc)
             return self.has_lease
-        if self._failing:
-            logger.info("scheduler lease %s: Redis answers again", self.key)
-            self._failing = False
+        self._retrying.succeeded()
         # Count the TTL from before the call: the key may have been set that long ago.
         self._valid_until = started + self.ttl_s if held else 0.0
         return held

@@ -21,10 +21,9 @@ import threading
 import time
 import uuid
 
-from redis.client import PubSub
 from redis.exceptions import RedisError
 
-from esb.bus import Heartbeat, Keys, make_redis, utc_now_iso
+from esb.bus import DeployNotices, Heartbeat, Keys, heartbeat_client, make_redis, utc_now_iso
 from esb.bus.jobstate import JobState
 from esb.config import ServerConfig
 from esb.errors import OdbUnavailable
@@ -56,7 +55,6 @@ class SchedulerProcess:
         self._signals: list[int] = []
         self._stopping = False
         self._heartbeat_thread: threading.Thread | None = None
-        self._pubsub: PubSub | None = None
         self.is_loaded = False  # the job table was read from the ODB once
         self.is_active = False  # as of the last tick
         self.needs_resync = False  # place every job again from Redis before firing
@@ -84,12 +82,14 @@ class SchedulerProcess:
                               inflight_ttl_s=conf.scheduler.inflight_ttl_s)
         self.dispatcher = Dispatcher(self.state, default_grace_s=conf.scheduler.misfire_grace_s)
         self.table = JobTable(self.odb, self.state, recent=self.dispatcher.last_scheduled)
-        self.dispatch_retry = Retrying(logger, "Redis: dispatching firings", BACKING_SERVICE)
-        self.odb_retry = Retrying(logger, "job table refresh from the ODB", BACKING_SERVICE)
-        self.notice_retry = Retrying(logger, "Redis: subscription to deploy notices",
-                                     BACKING_SERVICE)
+        self.dispatch_retry = Retrying(logger, "dispatch of firings", BACKING_SERVICE)
+        self.odb_retry = Retrying(logger, "job table refresh", BACKING_SERVICE, service="ODB")
+        self.notices = DeployNotices(self.redis, self.keys, f"scheduler {self.instance}")
+        observe = conf.observe
         self.heartbeat = Heartbeat(
-            self.redis, self.keys.scheduler_heartbeat(self.host, self.pid), self._heartbeat_fields,
+            heartbeat_client(conf.redis_url, interval_s=observe.heartbeat_interval_s,
+                             ttl_s=observe.stale_after_s),
+            self.keys.scheduler_heartbeat(self.host, self.pid), self._heartbeat_fields,
             interval_s=conf.observe.heartbeat_interval_s, ttl_s=conf.observe.stale_after_s,
         )
 
@@ -108,8 +108,7 @@ class SchedulerProcess:
         self.heartbeat.stop()
         if self._heartbeat_thread is not None:
             self._heartbeat_thread.join(timeout=2)
-        if self._pubsub is not None:
-            self._pubsub.close()
+        self.notices.close()
         self.odb.dispose()
         logger.info("scheduler %s stopped", self.instance)
 
@@ -228,30 +227,11 @@ class SchedulerProcess:
             self.odb_retry.succeeded()
         except (OdbUnavailable, RedisError) as exc:
             self._needs_refresh = True
-            self.odb_retry.failed(exc)
+            self.odb_retry.failed(exc, service="ODB" if isinstance(exc, OdbUnavailable) else "Redis")
 
     def _read_notices(self) -> None:
-        """Drain the deploy-notice subscription without blocking; resubscribe after an outage."""
-        if self._pubsub is None:
-            if not self.notice_retry.is_due():
-                return
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(self.keys.deploy_channel)
-            except RedisError as exc:
-                pubsub.close()
-                self.notice_retry.failed(exc)
-                return
-            self._pubsub = pubsub
-            self.notice_retry.succeeded()
-            self._needs_refresh = True  # a deploy announced while not subscribed
-        try:
-            while self._pubsub.get_message(timeout=0) is not None:
-                self._needs_refresh = True
-        except RedisError as exc:
-            self._pubsub.close()
-            self._pubsub = None
-            self.notice_retry.failed(exc)
+        if self.notices.poll():
+            self._needs_refresh = True
 
     def _sleep_s(self) -> float:
         if not self._may_sleep_until_due():

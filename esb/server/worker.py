@@ -19,6 +19,7 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from esb.bus import (
+    DeployNotices,
     DispatchMessage,
     Heartbeat,
     Keys,
@@ -181,21 +182,14 @@ class WorkerRuntime:
         logger.info("worker %d now at generation %d", self.pid, generation)
 
     def watch_deploys(self) -> None:
-        """Reload when a deploy is announced; resubscribe after a Redis outage."""
-        retrying = Retrying(logger, f"deploy notices of worker {self.pid}")
-        while True:
-            pubsub = self.loop_redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(self.keys.deploy_channel)
-                retrying.succeeded()
-                # A deploy announced while we were not subscribed is caught by this reload.
-                self._reload_logged()
-                for _message in pubsub.listen():
+        """Reload when a deploy is announced (or may have been, while Redis was away)."""
+        notices = DeployNotices(self.loop_redis, self.keys, f"worker {self.pid}")
+        try:
+            while True:
+                if notices.poll(timeout_s=1.0):
                     self._reload_logged()
-            except RedisError as exc:
-                gevent.sleep(retrying.failed(exc))
-            finally:
-                pubsub.close()
+        finally:
+            notices.close()
 
     def poll_odb(self) -> None:
         """The safety net under pub/sub: a missed notice costs at most ODB_POLL_S; while the
