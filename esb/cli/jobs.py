@@ -18,9 +18,9 @@ from esb.bus import Keys, make_redis
 from esb.cli.common import BAD_CONFIG, FAILURE, OK, load_or_exit, print_json
 from esb.config import merge_units
 from esb.errors import BusUnavailable, ConfigError, OdbUnavailable
-from esb.observe.status import job_rows
 from esb.odb import UNIT, OdbStore
 from esb.scheduler import request_run
+from esb.status import job_rows
 
 COLUMNS = ("name", "type", "next_run", "last_run", "runs", "missed", "stale")
 

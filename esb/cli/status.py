@@ -9,8 +9,8 @@ from esb.bus import Keys, make_redis
 from esb.cli.common import FAILURE, OK, load_or_exit, print_json
 from esb.config import Definitions, merge_units
 from esb.errors import ConfigError, OdbUnavailable
-from esb.observe.status import collect_status
 from esb.odb import UNIT, OdbStore
+from esb.status import collect_status
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -1,7 +1,10 @@
-"""Observability: logging, run context, the retry policy, metrics, status, the loop-block monitor.
+"""Observability, the bottom layer: logging, run context, the retry policy, metrics, the
+launcher's supervision facts and the loop-block monitor.
 
-Only the low-level pieces are exported here; ``esb.observe.status`` reads Redis through
-``esb.bus``, and ``esb.observe.metrics`` is imported by path.
+It imports nothing of esb's but ``esb.errors``, so every other package may use it;
+``esb.status``, one layer up, turns these facts and Redis's into a verdict.
+``esb.observe.metrics`` is imported by path: prometheus_client picks its mode when first
+imported.
 """
 
 from esb.observe.context import ContextFilter, current_call, running_calls

@@ -36,11 +36,11 @@ from esb.errors import ConfigError, OdbUnavailable, ServiceNotFound
 from esb.observe import metrics
 from esb.observe.blocking import start_block_monitor
 from esb.observe.retry import Retrying
-from esb.observe.status import collect_status
 from esb.odb import MODULE, UNIT, OdbStore
 from esb.server.consumer import DispatchConsumer, consumer_name
 from esb.server.http import compile_channels, make_app
 from esb.service import JobInfo, ServiceRuntime, ServiceStore
+from esb.status import collect_status
 
 logger = logging.getLogger(__name__)
 

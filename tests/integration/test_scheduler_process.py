@@ -18,9 +18,9 @@ from esb.bus import parse_iso
 from esb.bus.jobstate import KEEP, JobState, parse_outcome
 from esb.cli import jobs as jobs_cli
 from esb.config import load_server_config, merge_units
-from esb.observe.status import collect_status
 from esb.odb import UNIT
 from esb.scheduler.firings import firing_message
+from esb.status import collect_status
 from tests.helpers import wait_until
 from tests.integration.scheduler_support import (
     SchedulerProc,
