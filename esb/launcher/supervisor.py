@@ -137,7 +137,7 @@ class Launcher:
         self.prepare_odb()
         if "server" in self.roles:
             metrics.empty_directory(config.run_dir)  # this start counts from zero
-            self.children.append(python_child("arbiter", "esb.server", config, is_essential=True))
+            self.children.append(python_child("server", "esb.server", config, is_essential=True))
         if "scheduler" in self.roles and config.scheduler.enabled:
             self.children.append(python_child("scheduler", "esb.scheduler", config, own_log="scheduler.log"))
         if "pickup" in self.roles:
@@ -291,8 +291,8 @@ class Launcher:
         """Stop in reverse order of need: pickup and scheduler, then the arbiter (graceful),
         then Redis, which the others use until they are gone."""
         grace_s = self.config.main.graceful_timeout_s + 5
-        self._stop_group([c for c in self.children if c.name != "arbiter"], 10)
-        self._stop_group([c for c in self.children if c.name == "arbiter"], grace_s)
+        self._stop_group([c for c in self.children if c.name != "server"], 10)
+        self._stop_group([c for c in self.children if c.name == "server"], grace_s)
         if self.redis_child:
             self._stop_group([self.redis_child], 10)
         logger.info("all processes of %s stopped", socket.gethostname())

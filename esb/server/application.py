@@ -35,7 +35,7 @@ class EsbApplication(BaseApplication):
             "pidfile": str(c.run_dir / "arbiter.pid"),
             "errorlog": str(c.log_dir / "server.log"),
             "loglevel": c.logging.level.lower(),
-            "proc_name": f"esb-arbiter:{c.main.cluster}",
+            "proc_name": f"esb-server:{c.main.cluster}",
             # PERF(esb): no access log by default; one line per request costs a quarter of
             # the throughput on a 2-core machine.
             "accesslog": None,
