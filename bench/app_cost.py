@@ -7,7 +7,8 @@ channel lookup, body limit, Service object, response header). A profiling aid be
 It also measures what the metrics add to a request: esb's app with and without the
 counting wrapper a worker puts around it, and the recording alone (the wrapper, the
 sink's channel mark and ServiceRuntime.invoke's timing, around an app that does nothing
-else), whose budget is 1 us.
+else), whose budget is 1 us; and what the fair worker's turn through the gevent hub
+between two requests of a connection costs (``take_turn``), beside ``gevent.sleep(0)``.
 Usage:
 
     python bench/app_cost.py [--requests 50000]
@@ -102,6 +103,25 @@ def recording_us(requests: int) -> float:
     return loop_us(metrics.counting(recorded)) - loop_us(nothing)
 
 
+def turn_us(turns: int = 200_000) -> dict[str, float]:
+    """Microseconds per yield to the hub with nothing else ready: the fair worker's
+    ``take_turn`` and ``gevent.sleep(0)``, best of 10 windows each, interleaved."""
+    import gevent
+
+    from esb.server.gevent_worker import take_turn
+
+    ways = {"take_turn": take_turn, "gevent.sleep(0)": gevent.sleep}
+    best = dict.fromkeys(ways, float("inf"))
+    chunk = turns // 10
+    for _ in range(10):
+        for name, turn in ways.items():
+            started = time.perf_counter()
+            for _ in range(chunk):
+                turn()
+            best[name] = min(best[name], (time.perf_counter() - started) / chunk)
+    return {name: us * 1e6 for name, us in best.items()}
+
+
 def per_request_us(apps: dict, requests: int, windows: int = 50) -> dict[str, float]:
     """Microseconds per request of each of APPS (name: WSGI app), the best of WINDOWS short
     windows of REQUESTS / WINDOWS requests each, the apps' windows interleaved.
@@ -157,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"esb adds:        {esb_us - bare_us:6.1f} us per request")
     print(f"esb app counted: {counted_us:6.1f} us per request, as a worker runs it (metrics.counting)")
     print(f"metrics alone:   {recording_us(args.requests):6.2f} us per request (best of 20, budget 1 us)")
+    turns = turn_us()
+    print(
+        f"a turn through the hub: take_turn {turns['take_turn']:.2f} us, "
+        f"gevent.sleep(0) {turns['gevent.sleep(0)']:.2f} us (best of 10)"
+    )
     return 0
 
 
