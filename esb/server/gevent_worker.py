@@ -161,7 +161,7 @@ class EsbGeventWorker(GeventWorker):
         self.idle_clients.discard(sock)
         done = super().handle_request(listener_name, req, sock, addr)
         # Only reached when the connection stays open (gunicorn raises StopIteration when
-        # it closes); once told to stop, gunicorn answered with Connection: close.
+        # it closes). Told to stop before or while this request ran: it closes here.
         try:
             take_turn()
         except GreenletExit:
@@ -171,8 +171,18 @@ class EsbGeventWorker(GeventWorker):
         self.idle_clients.add(sock)
         return done
 
+    def handle_http2(self, listener: Any, client: Any, addr: Any, *args: Any, **kwargs: Any) -> None:
+        """An HTTP/2 connection multiplexes its requests: never idle for the stop's purpose."""
+        self.idle_clients.discard(client)
+        super().handle_http2(listener, client, addr, *args, **kwargs)
+
     def handle_exit(self, sig: int, frame: Any) -> None:
-        """SIGTERM, a graceful stop: close the idle connections now; requests in flight finish."""
+        """SIGTERM, a graceful stop: close the idle connections now; requests in flight finish.
+
+        A request whose first bytes are arriving at this very moment is not in flight yet:
+        its connection is closed with the idle ones, as a client must expect of any idle
+        keep-alive connection, and nothing of it has run.
+        """
         super().handle_exit(sig, frame)
         for client in list(self.idle_clients):
             close_now(client)
