@@ -7,7 +7,8 @@ channel lookup, body limit, Service object, response header). A profiling aid be
 It also measures what the metrics add to a request: esb's app with and without the
 counting wrapper a worker puts around it, and the recording alone (the wrapper, the
 sink's channel mark and ServiceRuntime.invoke's timing, around an app that does nothing
-else), whose budget is 1 us.
+else), whose budget is 1 us; and what the fair worker's turn through the gevent hub
+between two requests of a connection costs (``take_turn``), beside ``gevent.sleep(0)``.
 Usage:
 
     python bench/app_cost.py [--requests 50000]
@@ -102,29 +103,62 @@ def recording_us(requests: int) -> float:
     return loop_us(metrics.counting(recorded)) - loop_us(nothing)
 
 
-def per_request_us(app, requests: int) -> float:
+def turn_us(turns: int = 200_000) -> dict[str, float]:
+    """Microseconds per yield to the hub with nothing else ready: the fair worker's
+    ``take_turn`` and ``gevent.sleep(0)``, best of 10 windows each, interleaved."""
+    import gevent
+
+    from esb.server.gevent_worker import take_turn
+
+    ways = {"take_turn": take_turn, "gevent.sleep(0)": gevent.sleep}
+    best = dict.fromkeys(ways, float("inf"))
+    chunk = turns // 10
+    for _ in range(10):
+        for name, turn in ways.items():
+            started = time.perf_counter()
+            for _ in range(chunk):
+                turn()
+            best[name] = min(best[name], (time.perf_counter() - started) / chunk)
+    return {name: us * 1e6 for name, us in best.items()}
+
+
+def per_request_us(apps: dict, requests: int, windows: int = 50) -> dict[str, float]:
+    """Microseconds per request of each of APPS (name: WSGI app), the best of WINDOWS short
+    windows of REQUESTS / WINDOWS requests each, the apps' windows interleaved.
+
+    Short interleaved windows, because this machine is shared: a window in which another
+    process took the CPU is simply not the best, and every app sees the same moments.
+    """
     base = environ()
-    statuses = []
 
-    def start_response(status, headers, exc_info=None):
-        statuses.append(status)
+    def one_of(app):
+        statuses = []
 
-    def one() -> None:
-        env = dict(base)
-        env["wsgi.input"] = io.BytesIO(BODY)
-        b"".join(app(env, start_response))
+        def start_response(status, headers, exc_info=None):
+            statuses.append(status)
 
-    for _ in range(2000):
-        one()
-    if statuses[-1] != "200 OK":
-        raise SystemExit(f"app_cost: the app answered {statuses[-1]}")
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        for _ in range(requests // 5):
+        def one() -> None:
+            env = dict(base)
+            env["wsgi.input"] = io.BytesIO(BODY)
+            b"".join(app(env, start_response))
+
+        return one, statuses
+
+    runners = {name: one_of(app) for name, app in apps.items()}
+    for name, (one, statuses) in runners.items():
+        for _ in range(2000):
             one()
-        best = min(best, (time.perf_counter() - started) / (requests // 5))
-    return best * 1e6
+        if statuses[-1] != "200 OK":
+            raise SystemExit(f"app_cost: the {name} app answered {statuses[-1]}")
+    chunk = max(requests // windows, 1)
+    best = dict.fromkeys(apps, float("inf"))
+    for _ in range(windows):
+        for name, (one, _statuses) in runners.items():
+            started = time.perf_counter()
+            for _ in range(chunk):
+                one()
+            best[name] = min(best[name], (time.perf_counter() - started) / chunk)
+    return {name: us * 1e6 for name, us in best.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,14 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="esb-appcost-") as tmp:
         esb = esb_app(Path(tmp))
     bare = bare_app.make_app()
-    bare_us = per_request_us(bare, args.requests)
-    esb_us = per_request_us(esb, args.requests)
-    counted_us = per_request_us(metrics.counting(esb), args.requests)
-    print(f"bare falcon app: {bare_us:6.1f} us per request (best of 5)")
-    print(f"esb app:         {esb_us:6.1f} us per request (best of 5)")
+    best = per_request_us(
+        {"bare": bare, "esb": esb, "counted": metrics.counting(esb)}, args.requests
+    )
+    bare_us, esb_us, counted_us = best["bare"], best["esb"], best["counted"]
+    print(f"bare falcon app: {bare_us:6.1f} us per request (best of 50 windows)")
+    print(f"esb app:         {esb_us:6.1f} us per request (best of 50 windows)")
     print(f"esb adds:        {esb_us - bare_us:6.1f} us per request")
     print(f"esb app counted: {counted_us:6.1f} us per request, as a worker runs it (metrics.counting)")
     print(f"metrics alone:   {recording_us(args.requests):6.2f} us per request (best of 20, budget 1 us)")
+    turns = turn_us()
+    print(
+        f"a turn through the hub: take_turn {turns['take_turn']:.2f} us, "
+        f"gevent.sleep(0) {turns['gevent.sleep(0)']:.2f} us (best of 10)"
+    )
     return 0
 
 

@@ -4,7 +4,8 @@ Both sides answer ``POST /demo/echo`` with the JSON they were sent, under the sa
 gunicorn settings (gevent workers, same worker count and ``worker_connections``,
 keepalive 5, no access log), driven by the same load generator for the same time.
 Rounds alternate (bare, esb, bare, esb, ...) and the median of each side is reported,
-with their ratio and each worker's idle RSS. Usage:
+with their ratio, the latency percentiles (p50, p90, p99, max; with wrk only) and each
+worker's idle RSS. Usage:
 
     python bench/run.py [--workers 1] [--seconds 8] [--rounds 3] [--connections 50]
                         [--redis redis://127.0.0.1:6379/0 | --redis embedded]
@@ -39,7 +40,10 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ESB = [sys.executable, "-m", "esb.cli"]
 BODY = '{"name": "esb", "items": [1, 2, 3], "ok": true}'
-TARGET_RATIO = 0.85
+TARGET_RATIO = 0.9
+# esb's p99 at most this fraction of the bare app's: the bare app runs gunicorn's stock
+# gevent worker, whose busy keep-alive connections starve the others (issue 12).
+TARGET_P99_FRACTION = 0.1
 TARGET_RSS_MB = 80.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -201,6 +205,32 @@ class Result:
     failures: int
     load_cpu: float  # CPU seconds per second of the load generator (1.0 = one full CPU)
     server_cpu: float  # the same for the server's workers, summed
+    latency_ms: dict[str, float]  # p50, p90, p99, max; empty without wrk
+
+
+PERCENTILES = ("p50", "p90", "p99", "max")
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def wrk_ms(text: str) -> float:
+    """A wrk duration ("512.00us", "1.20ms", "2.01s") in milliseconds."""
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise SystemExit(f"bench: cannot read wrk's duration {text!r}")
+    return float(match.group(1)) * _UNIT_MS[match.group(2)]
+
+
+def wrk_latency(out: str) -> dict[str, float]:
+    """p50, p90, p99 (wrk --latency's distribution) and max (its thread stats), in ms."""
+    found = {}
+    for name in ("50", "90", "99"):
+        match = re.search(rf"^[ \t]+{name}%[ \t]+(\S+)[ \t]*$", out, re.MULTILINE)
+        if match:
+            found["p" + name] = wrk_ms(match.group(1))
+    match = re.search(r"^[ \t]+Latency[ \t]+(\S+)[ \t]+(\S+)[ \t]+(\S+)", out, re.MULTILINE)
+    if match:
+        found["max"] = wrk_ms(match.group(3))
+    return found
 
 
 WRK_SCRIPT = """wrk.method = "POST"
@@ -229,10 +259,11 @@ class Load:
             f"(POST {len(BODY)}-byte JSON body)"
         )
 
-    def run(self, url: str, seconds: float) -> tuple[float, int]:
-        """(requests per second, failed requests) of one run of SECONDS against URL."""
+    def run(self, url: str, seconds: float) -> tuple[float, int, dict[str, float]]:
+        """(requests per second, failed requests, latency in ms by percentile) of one run
+        of SECONDS against URL."""
         if self.wrk:
-            argv = [self.wrk, f"-t{self.threads}", f"-c{self.connections}", f"-d{seconds:g}s"]
+            argv = [self.wrk, f"-t{self.threads}", f"-c{self.connections}", f"-d{seconds:g}s", "--latency"]
             argv += ["-s", str(self.script), url]
         else:
             argv = [sys.executable, str(BENCH / "loadgen.py"), url, "--body", BODY]
@@ -245,7 +276,7 @@ class Load:
             raise SystemExit(f"bench: load generator failed:\n{done.stdout}{done.stderr}")
         if not self.wrk:
             out = json.loads(done.stdout)
-            return out["requests_per_s"], out["non_2xx"] + out["socket_errors"]
+            return out["requests_per_s"], out["non_2xx"] + out["socket_errors"], {}
         rate = float(re.search(r"Requests/sec:\s+([\d.]+)", done.stdout).group(1))
         failures = 0
         for pattern in (
@@ -255,19 +286,19 @@ class Load:
             match = re.search(pattern, done.stdout)
             if match:
                 failures += sum(int(g) for g in match.groups())
-        return rate, failures
+        return rate, failures, wrk_latency(done.stdout)
 
     def measure(self, side: Side, seconds: float) -> Result:
         workers = side.workers()
         before = sum(cpu_s(pid) for pid in workers)
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
-        rate, failures = self.run(side.url, seconds)
+        rate, failures, latency = self.run(side.url, seconds)
         elapsed = time.monotonic() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         server = sum(cpu_s(pid) for pid in workers) - before
         load = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
-        return Result(side.name, rate, failures, load / seconds, server / elapsed)
+        return Result(side.name, rate, failures, load / seconds, server / elapsed, latency)
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -279,6 +310,10 @@ def split_cpus(workers: int) -> tuple[set[int] | None, set[int] | None]:
     if len(cpus) <= workers:
         return None, None
     return set(cpus[:workers]), set(cpus[workers:])
+
+
+def format_latency(latency_ms: dict[str, float]) -> str:
+    return "  ".join(f"{name} {latency_ms[name]:8.2f} ms" for name in PERCENTILES if name in latency_ms)
 
 
 def idle_rss(side: Side) -> list[float]:
@@ -338,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"  failed {result.failures:<4d} server CPU {result.server_cpu:4.2f}"
                     f"  load generator CPU {result.load_cpu:4.2f}"
                 )
+                if result.latency_ms:
+                    print(" " * 16 + "latency " + format_latency(result.latency_ms))
         after = {side.name: idle_rss(side) for side in sides}
     finally:
         for part in (esb, bare):
@@ -365,6 +402,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bare falcon: {median['bare']:9.1f} req/s (median)")
     print(f"esb:         {median['esb']:9.1f} req/s (median)")
     print(f"ratio:       {ratio:9.3f}   (target >= {TARGET_RATIO})")
+    latency = {
+        name: {
+            pct: statistics.median(r.latency_ms[pct] for r in results if r.side == name)
+            for pct in PERCENTILES
+            if all(pct in r.latency_ms for r in results if r.side == name)
+        }
+        for name in ("bare", "esb")
+    }
+    p99_fraction = None
+    if latency["bare"]:
+        print(f"latency bare (median of rounds): {format_latency(latency['bare'])}")
+        print(f"latency  esb (median of rounds): {format_latency(latency['esb'])}")
+        if latency["bare"].get("p99") and "p99" in latency["esb"]:
+            p99_fraction = latency["esb"]["p99"] / latency["bare"]["p99"]
+            print(f"p99 esb / bare: {p99_fraction:.3f}   (target <= {TARGET_P99_FRACTION})")
     print(
         f"per worker CPU-second: bare {per_cpu['bare']:.0f}, esb {per_cpu['esb']:.0f} requests, "
         f"ratio {per_cpu['esb'] / per_cpu['bare']:.3f}"
@@ -381,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     missed = []
     if ratio < TARGET_RATIO:
         missed.append(f"ratio {ratio:.3f} < {TARGET_RATIO}")
+    if p99_fraction is not None and p99_fraction > TARGET_P99_FRACTION:
+        missed.append(f"p99 esb / bare {p99_fraction:.3f} > {TARGET_P99_FRACTION}")
     if max(rss["esb"]) >= TARGET_RSS_MB:
         missed.append(f"idle RSS {max(rss['esb']):.1f} MB >= {TARGET_RSS_MB:g} MB")
     if failures:

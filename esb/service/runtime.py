@@ -126,8 +126,11 @@ class ServiceRuntime:
         service = cls(self, Request(payload={} if payload is None else payload, http=http, job=job), cid)
         started = perf_counter()
         try:
-            with running_calls.track(name, cid, max_depth):
+            entered = running_calls.enter(name, cid, max_depth)
+            try:
                 service.handle()
+            finally:
+                running_calls.leave(entered)
         finally:
             metrics.observe_service(name, perf_counter() - started)
         return service.response
