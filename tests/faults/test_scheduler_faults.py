@@ -162,7 +162,7 @@ def test_scheduler_rides_out_a_redis_restart(private_redis, tmp_path, persistent
             assert abs(offset - round(offset)) < 0.01
         assert proc.is_active()
         log = proc.log()
-        assert "Redis unavailable" in log and "holds the lease: active" in log
+        assert "Redis unreachable: " in log and "holds the lease: active" in log
     finally:
         proc.kill()
         worker.stop()
