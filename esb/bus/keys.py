@@ -56,3 +56,20 @@ class Keys:
 
     def notify_state(self, name: str) -> str:
         return f"{self.prefix}notify:{name}"
+
+    # -- dispatch: liveness of consumers, dead letters, worker deaths (issue 8) ----------
+
+    def consumer_alive(self, consumer: str) -> str:
+        """Present while the dispatch consumer CONSUMER's process lives; set with a short TTL
+        by a native thread of that worker, so only a dead or stopped worker loses it."""
+        return f"{self.prefix}alive:consumer:{consumer}"
+
+    @property
+    def dead_letters(self) -> str:
+        """The stream of dispatch messages given up on after ``max_deliveries``."""
+        return f"{self.prefix}dispatch:dead"
+
+    @property
+    def worker_deaths(self) -> str:
+        """Sorted set of workers that died without being asked to (``host:pid``, score: when)."""
+        return f"{self.prefix}deaths:worker"

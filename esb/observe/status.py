@@ -119,6 +119,34 @@ def _scheduler(
     return shown | {"instances": instances, "jobs": job_rows}
 
 
+# -- dispatch: dead letters and worker deaths (issue 8) ------------------------------------
+
+# More unasked worker deaths than this in the last minute is a crash loop.
+CRASH_LOOP_DEATHS_PER_MIN = 3
+
+
+def _dispatch(client: redis.Redis, keys: Keys, now: dt.datetime) -> dict[str, Any]:
+    """Messages given up on, and workers that died without being asked to in the last minute."""
+    epoch = now.timestamp()
+    pipe = client.pipeline(transaction=False)
+    pipe.xlen(keys.dead_letters)
+    pipe.zcount(keys.worker_deaths, epoch - 60, "+inf")
+    dead_letters, deaths = pipe.execute()
+    return {"dead_letters": int(dead_letters), "worker_deaths_last_min": int(deaths)}
+
+
+def _dispatch_problems(dispatch: dict[str, Any]) -> list[str]:
+    problems = []
+    if dispatch["dead_letters"]:
+        problems.append(
+            f"{dispatch['dead_letters']} dispatch message(s) in the dead-letter stream; "
+            "see 'esb dead-letters'"
+        )
+    if (dispatch["worker_deaths_last_min"] or 0) > CRASH_LOOP_DEATHS_PER_MIN:
+        problems.append(f"{dispatch['worker_deaths_last_min']} worker deaths in the last minute")
+    return problems
+
+
 def collect_status(
     client: redis.Redis, keys: Keys, config: ServerConfig, definitions: Definitions
 ) -> dict[str, Any]:
@@ -136,6 +164,7 @@ def collect_status(
             "scheduler": None,
             "notifications": [],
             "outconns": {"amqp": [], "sql": []},
+            "dispatch": None,
         }
     problems = []
     if not any(w["alive"] for w in workers):
@@ -143,6 +172,12 @@ def collect_status(
     if not scheduler["active"]:
         problems.append("no scheduler is active")
     problems.extend(f"job {j['name']} is stale" for j in scheduler["jobs"] if j["stale"])
+    try:
+        dispatch = _dispatch(client, keys, now)
+    except RedisError as exc:
+        dispatch = {"dead_letters": None, "worker_deaths_last_min": None}
+        problems.append(f"dispatch facts unreadable: {exc}")
+    problems.extend(_dispatch_problems(dispatch))
     return {
         "healthy": not problems,
         "problems": problems,
@@ -152,4 +187,5 @@ def collect_status(
         "scheduler": scheduler,
         "notifications": [],
         "outconns": {"amqp": [], "sql": []},
+        "dispatch": dispatch,
     }

@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import socket
+import traceback
 from typing import Any
 
 import gevent
@@ -41,6 +42,8 @@ from esb.service import JobInfo, ServiceRuntime, ServiceStore
 logger = logging.getLogger(__name__)
 
 ODB_POLL_S = 5.0
+TRACEBACK_FRAMES = 20
+TRACEBACK_CHARS = 8000
 POOL_SIZE = 64  # Redis connections of one worker
 
 
@@ -88,7 +91,11 @@ class WorkerRuntime:
             settings=config.dispatch,
             run=self.run_dispatched,
             record=self.record_run,
+            redis_url=config.redis_url,
         )
+        # Set by the worker_abort hook: the SystemExit gunicorn raises to end a worker past
+        # its timeout may surface inside a service's greenlet and must not be caught there.
+        self.is_aborting = False
         self._greenlets: list[gevent.Greenlet] = []
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -191,6 +198,10 @@ class WorkerRuntime:
     def run_dispatched(self, message: DispatchMessage) -> str | None:
         """Run one stream message; a failing service is logged and counted, never retried.
 
+        Whatever the service raises, BaseException included (SystemExit, KeyboardInterrupt),
+        ends this run only: the message is finished as a failed run with its error. User code
+        never chooses the worker's fate; left alone, gevent would hand a SystemExit to the
+        main greenlet and the worker would exit with the user's code (3 halts gunicorn).
         Answers the error that ended the run, or None.
         """
         job = JobInfo(**message.job) if message.job else None
@@ -200,15 +211,20 @@ class WorkerRuntime:
             metrics.dispatch_runs["error"] += 1
             logger.error("dispatched message %s dropped: %s", message.msg_id, exc, extra={"cid": message.cid})
             return str(exc)
-        except Exception as exc:
+        except BaseException as exc:
+            if self.is_aborting:
+                raise  # gunicorn ends this worker (WORKER TIMEOUT): let it
             metrics.dispatch_runs["error"] += 1
-            logger.exception(
-                "service %s failed on dispatched message %s",
+            error = f"{type(exc).__name__}: {exc}"
+            logger.error(
+                "service %s failed on dispatched message %s (%s); the run is recorded as failed\n%s",
                 message.service,
                 message.msg_id,
+                error,
+                bounded_traceback(exc),
                 extra={"cid": message.cid, "service": message.service},
             )
-            return f"{type(exc).__name__}: {exc}"
+            return error
         metrics.dispatch_runs["ok"] += 1
         return None
 
@@ -237,4 +253,13 @@ class WorkerRuntime:
         return collect_status(self.redis, self.keys, self.config, self.definitions)
 
 
-__all__ = ["WorkerRuntime"]
+def bounded_traceback(exc: BaseException) -> str:
+    """The innermost TRACEBACK_FRAMES frames, at most TRACEBACK_CHARS characters: a deep
+    recursion in a service must cost the log a few lines, not thousands."""
+    text = "".join(traceback.format_exception(exc, limit=-TRACEBACK_FRAMES)).rstrip()
+    if len(text) > TRACEBACK_CHARS:
+        text = "...\n" + text[-TRACEBACK_CHARS:]
+    return text
+
+
+__all__ = ["WorkerRuntime", "bounded_traceback"]

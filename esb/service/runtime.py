@@ -50,4 +50,13 @@ class ServiceRuntime:
         return service.response
 
     def invoke_async(self, name: str, payload: Any, *, cid: str) -> str:
+        """Queue service NAME on the dispatch stream; answers the message id.
+
+        Raises ServiceNotFound at once when NAME is deployed nowhere in the cluster rather
+        than letting the message be dropped later by whichever worker takes it. The store
+        is the cluster's view: every worker loads every module of the shared ODB and
+        reloads on each deploy notice, so the check costs one dict lookup.
+        """
+        if name not in self.store.services:
+            raise ServiceNotFound(name)
         return enqueue(self.redis, self.keys, name, payload, cid=cid, max_backlog=self.max_backlog)
