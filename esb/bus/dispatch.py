@@ -187,9 +187,14 @@ def queue_dead_letter(
 
 
 def _dead_letter_of(entry_id: str, fields: dict[str, str]) -> DeadLetter:
+    try:
+        message = DispatchMessage.from_fields(fields)
+    except (KeyError, ValueError):  # a malformed entry that kept killing its workers
+        msg_id = fields.get("id") or entry_id
+        message = DispatchMessage(msg_id, fields.get("service", "?"), fields.get("payload"), msg_id)
     return DeadLetter(
         entry_id=entry_id,
-        message=DispatchMessage.from_fields(fields),
+        message=message,
         deliveries=int(fields.get("deliveries") or 0),
         last_error=fields.get("last_error") or None,
         dead_at=float(fields.get("dead_at") or 0.0),

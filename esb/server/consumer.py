@@ -93,7 +93,6 @@ class DispatchConsumer:
         self._finisher: gevent.Greenlet | None = None
         self._running = False
         self._nothing_more_to_finish = False
-        self.dead_lettered = 0
         self.liveness = NativeLiveness(
             redis_url,
             keys.consumer_alive(consumer_name),
@@ -358,7 +357,6 @@ class DispatchConsumer:
         pipe = self.client.pipeline(transaction=True)
         queue_dead_letter(pipe, self.keys, entry_id, fields, deliveries - 1, last_error)
         pipe.execute()
-        self.dead_lettered += 1
         logger.error(
             "message %s for %s moved to the dead-letter stream: %s; see 'esb dead-letters'",
             msg_id,

@@ -220,3 +220,18 @@ def test_invoke_async_of_a_service_deployed_nowhere_fails_at_once(esb_server, re
     answer = kick(server, "no.such.service", {"key": "x"})
     assert "no.such.service" in answer["not_found"]
     assert redis_client.xlen(keys.dispatch) == 0
+
+
+def test_worker_crash_loop_turns_status_unhealthy(esb_server):
+    server = esb_server(workers=2)
+    for _ in range(4):
+        victim = max(server.worker_pids())
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda v=victim: len(server.worker_pids()) == 2 and v not in server.worker_pids(),
+                   message="the arbiter replaced the killed worker")
+    status = esb("status", str(server.directory), "--json")
+    assert status.returncode != 0
+    facts = json.loads(status.stdout)
+    assert facts["dispatch"]["worker_deaths_last_min"] == 4
+    assert "4 worker deaths in the last minute" in facts["problems"]
+    assert "4 worker deaths in the last minute" in esb("status", str(server.directory)).stdout
