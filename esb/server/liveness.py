@@ -14,7 +14,12 @@ share the main thread's hub (not thread-safe) or silently start a second hub in 
 thread, with redis-py's pool locks and queues patched to gevent's. The operating
 system's socket (``monkey.get_original``) blocks only this thread, touches no hub and
 needs nothing from redis-py but its URL parser: three commands (AUTH, SELECT, SET ... PX)
-are all it sends. ``rediss://`` URLs would need the unpatched TLS stack too; for those the
+are all it sends. The thread must not touch anything gevent patched: name resolution
+(``socket.getaddrinfo`` is gevent's resolver) and the logging module's locks would give
+this thread a hub of its own, which gevent's monitor then reports as a blocked loop. So
+it resolves with the original ``getaddrinfo`` and writes its two kinds of log line (first
+failure, recovery) straight to the log file's descriptor, as the loop-block monitor does.
+``rediss://`` URLs would need the unpatched TLS stack too; for those the
 beat runs in a greenlet instead, and a CPU-bound service longer than the TTL may then be
 reclaimed (logged once at start).
 """
@@ -22,6 +27,7 @@ reclaimed (logged once at start).
 from __future__ import annotations
 
 import logging
+import os
 import socket as _socket_module
 from typing import Any
 
@@ -30,12 +36,13 @@ from gevent import monkey
 from redis.connection import parse_url
 from redis.exceptions import RedisError
 
+from esb.observe.blocking import _log_fd
 from esb.observe.retry import Retrying
 
 logger = logging.getLogger(__name__)
 
 _os_socket = monkey.get_original("socket", "socket")
-_os_create_connection = monkey.get_original("socket", "create_connection")
+_os_getaddrinfo = monkey.get_original("socket", "getaddrinfo")
 _os_sleep = monkey.get_original("time", "sleep")
 _os_start_thread = monkey.get_original("_thread", "start_new_thread")
 
@@ -48,6 +55,48 @@ def _command(*parts: str | bytes | int) -> bytes:
         data = part if isinstance(part, bytes) else str(part).encode()
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
+
+
+def _connect_tcp(host: str, port: int) -> Any:
+    """An operating-system TCP socket connected to HOST:PORT, trying each address in turn."""
+    error: OSError | None = None
+    for family, kind, proto, _name, address in _os_getaddrinfo(host, port, 0, _socket_module.SOCK_STREAM):
+        sock = _os_socket(family, kind, proto)
+        sock.settimeout(SOCKET_TIMEOUT_S)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return sock
+    raise error or OSError(f"cannot resolve {host}")
+
+
+class _FdLogger:
+    """The three methods Retrying logs through, writing one line straight to the log file's
+    descriptor: no lock of the logging module, which is gevent's in a worker."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.fd = _log_fd()
+        self.pid = os.getpid()
+
+    def _write(self, level: str, msg: str, *args: object) -> None:
+        line = f"{level} [{self.pid}] {self.name}: {msg % args}\n"
+        try:
+            os.write(self.fd, line.encode("utf-8", "replace"))
+        except OSError:
+            pass  # nowhere left to say it; status shows the worker's liveness anyway
+
+    def warning(self, msg: str, *args: object) -> None:
+        self._write("WARNING", msg, *args)
+
+    def info(self, msg: str, *args: object) -> None:
+        self._write("INFO", msg, *args)
+
+    def debug(self, msg: str, *args: object) -> None:
+        pass
 
 
 class NativeLiveness:
@@ -80,6 +129,7 @@ class NativeLiveness:
             )
             gevent.spawn(self._run_in_greenlet)
             return
+        self._retrying.logger = _FdLogger(__name__)  # type: ignore[assignment]
         _os_start_thread(self._run, ())
 
     def stop(self) -> None:
@@ -136,10 +186,7 @@ class NativeLiveness:
                 sock.close()
                 raise
         else:
-            sock = _os_create_connection(
-                (options.get("host", "127.0.0.1"), int(options.get("port", 6379))), SOCKET_TIMEOUT_S
-            )
-            sock.settimeout(SOCKET_TIMEOUT_S)
+            sock = _connect_tcp(options.get("host", "127.0.0.1"), int(options.get("port", 6379)))
         self._sock = sock
         self._buffer = b""
         password = options.get("password")
