@@ -235,3 +235,23 @@ def test_worker_crash_loop_turns_status_unhealthy(esb_server):
     assert facts["dispatch"]["worker_deaths_last_min"] == 4
     assert "4 worker deaths in the last minute" in facts["problems"]
     assert "4 worker deaths in the last minute" in esb("status", str(server.directory)).stdout
+
+
+def test_scheduled_job_raising_system_exit_records_its_error(esb_server, redis_client, cluster, tmp_path):
+    server = poisoned_server(esb_server, workers=2)
+    before = sorted(server.worker_pids())
+    key = f"esb:{cluster}:test:job-exit"
+    job = tmp_path / "exitjob.toml"
+    job.write_text(
+        '[[scheduler.job]]\nname = "exit-job"\nservice = "poison.exit"\ntype = "interval"\nseconds = 1\n'
+        f'payload = {{ code = 3, key = "{key}" }}\n'
+    )
+    assert server.deploy(job).returncode == 0
+
+    def job_error() -> str | None:
+        jobs = server.status()["scheduler"]["jobs"]
+        return next((j["last_error"] for j in jobs if j["name"] == "exit-job" and j["runs"] >= 2), None)
+
+    assert wait_until(job_error, timeout_s=60, message="the job's runs recorded").startswith("SystemExit")
+    assert serves(server)
+    assert sorted(server.worker_pids()) == before
