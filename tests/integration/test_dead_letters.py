@@ -63,3 +63,29 @@ def test_native_liveness_survives_an_unreachable_redis(redis_client, cluster):
         wait_until(lambda: liveness._retrying.failures >= 3, message="beats retried")
     finally:
         liveness.stop()
+
+
+def test_native_liveness_over_a_unix_socket(tmp_path):
+    """The embedded Redis is reached over a unix socket: the thread speaks to it too."""
+    import shutil
+    import subprocess
+
+    import redis
+
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", "0", "--unixsocket", str(sock),
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(unix_socket_path=str(sock), db=2)
+    liveness = NativeLiveness(f"unix://{sock}?db=2", "alive", ttl_s=1.0, interval_s=0.2)
+    try:
+        wait_until(client.ping, message="unix-socket Redis answering")
+        liveness.start()
+        wait_until(lambda: client.pttl("alive") > 0, message="liveness key set over the unix socket")
+    finally:
+        liveness.stop()
+        client.close()
+        proc.kill()
+        proc.wait(timeout=10)
