@@ -283,26 +283,29 @@ class DispatchConsumer:
                 logger.debug("dispatch reclaim failed (%s); retrying", exc)
 
     def reclaim(self, limit: int) -> int:
-        """Take over up to LIMIT messages held by consumers whose liveness key is gone; answer
-        how many were taken (run here or dead-lettered).
+        """Take over up to LIMIT messages held by consumers whose liveness key is gone, and
+        entries of this consumer left unacknowledged after a Redis error (pending here but no
+        longer in ``inflight``); answer how many were taken (run here or dead-lettered).
 
         XCLAIM with a minimum idle time settles races between reclaimers: the first resets
         the idle time, the others then claim nothing.
         """
         summary = self.client.xpending(self.keys.dispatch, self.keys.dispatch_group)
-        holders = [c for c in summary.get("consumers") or [] if c["name"] != self.consumer_name]
-        if not holders:
-            return 0
+        holders = summary.get("consumers") or []
+        others = [h for h in holders if h["name"] != self.consumer_name]
         pipe = self.client.pipeline(transaction=False)
-        for holder in holders:
+        for holder in others:
             pipe.exists(self.keys.consumer_alive(holder["name"]))
-        dead = [h for h, alive in zip(holders, pipe.execute(), strict=True) if not alive]
+        alive = pipe.execute() if others else []
+        candidates = [h for h, is_alive in zip(others, alive, strict=True) if not is_alive]
+        candidates += [h for h in holders if h["name"] == self.consumer_name]
         idle_ms = int(self.settings.reclaim_idle_s * 1000)
         taken = 0
-        for holder_row in dead:
+        for holder_row in candidates:
             if taken >= limit:
                 break
             holder = holder_row["name"]
+            is_ours = holder == self.consumer_name
             pending = self.client.xpending_range(
                 self.keys.dispatch,
                 self.keys.dispatch_group,
@@ -312,6 +315,8 @@ class DispatchConsumer:
                 consumername=holder,
                 idle=idle_ms,
             )
+            if is_ours:
+                pending = [p for p in pending if p["message_id"] not in self.inflight]
             if not pending:
                 continue
             deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
@@ -324,11 +329,11 @@ class DispatchConsumer:
             )
             for entry_id, fields in claimed:
                 if entry_id in self.inflight or not fields:
-                    continue  # deleted while pending: nothing left to run
+                    continue  # not fields: deleted while pending, nothing left to run
                 taken += 1
                 # XCLAIM counted this delivery too.
                 self._take_over(entry_id, fields, deliveries[entry_id] + 1, holder)
-            if len(claimed) >= int(holder_row["pending"]):
+            if not is_ours and len(claimed) >= int(holder_row["pending"]):
                 # Nothing of it is pending any more: keep the group's consumer list short.
                 self.client.xgroup_delconsumer(self.keys.dispatch, self.keys.dispatch_group, holder)
         return taken
@@ -337,7 +342,7 @@ class DispatchConsumer:
         """Run a reclaimed message again, or dead-letter it once its deliveries pass the limit."""
         if deliveries <= self.settings.max_deliveries:
             logger.warning(
-                "reclaimed message %s for %s from consumer %s, which stopped (delivery %d of %d)",
+                "reclaimed message %s for %s from consumer %s (delivery %d of %d)",
                 fields.get("id"),
                 fields.get("service"),
                 holder,
@@ -351,8 +356,8 @@ class DispatchConsumer:
             self.submit(entry_id, fields, is_known_done=True)
             return
         last_error = (
-            f"its worker (consumer {holder}) died or stopped while running it, "
-            f"{deliveries - 1} deliveries in all"
+            f"delivered {deliveries - 1} times without finishing; its last worker (consumer "
+            f"{holder}) died or stopped while holding it"
         )
         pipe = self.client.pipeline(transaction=True)
         queue_dead_letter(pipe, self.keys, entry_id, fields, deliveries - 1, last_error)

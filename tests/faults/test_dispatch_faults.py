@@ -123,7 +123,7 @@ def test_dispatched_service_calling_os_exit_ends_in_dead_letters(esb_server, red
     [letter] = json.loads(listed.stdout)
     assert letter["service"] == "poison.hard_exit" and letter["msg_id"] == kicked["msg_id"]
     assert letter["deliveries"] == 3 and letter["payload"] == {"key": key, "code": 1}
-    assert "died or stopped" in letter["last_error"]
+    assert "without finishing" in letter["last_error"]
     assert "poison.hard_exit" in esb("dead-letters", str(server.directory)).stdout
 
     # A restart does not bring the fault back: the message stays dead.

@@ -89,3 +89,68 @@ def test_native_liveness_over_a_unix_socket(tmp_path):
         client.close()
         proc.kill()
         proc.wait(timeout=10)
+
+
+def _consumer(redis_client, cluster, ran: list, **settings):
+    from esb.config.server_conf import DispatchSection
+    from esb.server.consumer import DispatchConsumer
+
+    return DispatchConsumer(
+        client=redis_client, reader=redis_client, keys=Keys(cluster), consumer_name="me:1:1",
+        settings=DispatchSection(reclaim_idle_s=0.2, **settings),
+        run=lambda message: ran.append(message.payload) or None, redis_url=REDIS_URL,
+    )
+
+
+def _read_as(redis_client, keys: Keys, consumer: str) -> str:
+    [[_stream, [(entry_id, _fields)]]] = redis_client.xreadgroup(
+        keys.dispatch_group, consumer, {keys.dispatch: ">"}, count=1
+    )
+    return entry_id
+
+
+def test_reclaim_takes_only_from_consumers_without_liveness(redis_client, cluster):
+    keys = Keys(cluster)
+    ensure_group(redis_client, keys)
+    ran: list = []
+    consumer = _consumer(redis_client, cluster, ran)
+    enqueue(redis_client, keys, "t.s", {"of": "live"})
+    enqueue(redis_client, keys, "t.s", {"of": "dead"})
+    enqueue(redis_client, keys, "t.s", {"of": "orphan"})
+    redis_client.set(keys.consumer_alive("live:1:1"), "1", px=60000)
+    _read_as(redis_client, keys, "live:1:1")
+    _read_as(redis_client, keys, "dead:1:1")
+    _read_as(redis_client, keys, "me:1:1")  # ours, but not in inflight: left after an error
+
+    def reclaimed_two() -> bool:
+        consumer.reclaim(10)
+        consumer.pool.join(timeout=5)
+        return len(ran) >= 2
+
+    wait_until(reclaimed_two, message="the dead consumer's and the orphaned entries reclaimed")
+    assert sorted(p["of"] for p in ran) == ["dead", "orphan"]
+    pending = redis_client.xpending_range(keys.dispatch, keys.dispatch_group, "-", "+", 10)
+    assert {p["consumer"] for p in pending} == {"live:1:1", "me:1:1"}
+    names = {c["name"] for c in redis_client.xinfo_consumers(keys.dispatch, keys.dispatch_group)}
+    assert "dead:1:1" not in names  # nothing left pending: dropped from the group
+
+
+def test_reclaim_dead_letters_past_max_deliveries(redis_client, cluster):
+    keys = Keys(cluster)
+    ensure_group(redis_client, keys)
+    ran: list = []
+    consumer = _consumer(redis_client, cluster, ran, max_deliveries=1)
+    msg_id = enqueue(redis_client, keys, "t.s", {"of": "poison"}, cid="poison-cid")
+    _read_as(redis_client, keys, "dead:1:1")  # delivery 1: its worker died
+
+    def dead_lettered() -> bool:
+        consumer.reclaim(10)
+        return redis_client.xlen(keys.dead_letters) == 1
+
+    wait_until(dead_lettered, message="the message dead-lettered")
+    assert ran == []
+    [letter] = dead_letters(redis_client, keys)
+    assert letter.message.msg_id == msg_id and letter.message.cid == "poison-cid"
+    assert letter.deliveries == 1 and "dead:1:1" in letter.last_error
+    assert redis_client.xlen(keys.dispatch) == 0
+    assert redis_client.xpending(keys.dispatch, keys.dispatch_group)["pending"] == 0
