@@ -6,7 +6,8 @@ one transaction for all that finished since its last round trip; ``reclaim_loop`
 over messages whose consumer's liveness key is gone. That key is refreshed by a native
 thread (``esb.server.liveness``), not a greenlet: a service that holds the loop for a
 while keeps its messages, and only a worker that is dead, stopped or killed by the
-arbiter's timeout loses them. A message whose deliveries (reclaims included) pass
+arbiter's timeout loses them (the key must stay missing for two beats, so a Redis restart
+that lost it is not mistaken for a death). A message whose deliveries (reclaims included) pass
 ``max_deliveries`` has killed its workers that often: it goes to the dead-letter stream
 instead of running again.
 
@@ -93,6 +94,8 @@ class DispatchConsumer:
         self._finisher: gevent.Greenlet | None = None
         self._running = False
         self._nothing_more_to_finish = False
+        # Consumer name -> when its liveness key was first seen missing (monotonic).
+        self._missing_since: dict[str, float] = {}
         self.liveness = NativeLiveness(
             redis_url,
             keys.consumer_alive(consumer_name),
@@ -297,7 +300,7 @@ class DispatchConsumer:
         for holder in others:
             pipe.exists(self.keys.consumer_alive(holder["name"]))
         alive = pipe.execute() if others else []
-        candidates = [h for h, is_alive in zip(others, alive, strict=True) if not is_alive]
+        candidates = self._confirmed_dead(others, alive)
         candidates += [h for h in holders if h["name"] == self.consumer_name]
         idle_ms = int(self.settings.reclaim_idle_s * 1000)
         taken = 0
@@ -337,6 +340,27 @@ class DispatchConsumer:
                 # Nothing of it is pending any more: keep the group's consumer list short.
                 self.client.xgroup_delconsumer(self.keys.dispatch, self.keys.dispatch_group, holder)
         return taken
+
+    def _confirmed_dead(self, holders: list[dict], alive: list[int]) -> list[dict]:
+        """The HOLDERS whose liveness key has been missing for at least two of their beats.
+
+        A key missing once may be a Redis that just restarted and lost it (it was expiring
+        while Redis was down) before the consumer's thread set it again; its messages are
+        still running. Two beats later a live consumer has its key back.
+        """
+        now = time.monotonic()
+        grace_s = 2 * self.liveness.interval_s
+        missing = {h["name"] for h, is_alive in zip(holders, alive, strict=True) if not is_alive}
+        for name in list(self._missing_since):
+            if name not in missing:
+                del self._missing_since[name]
+        dead = []
+        for holder in holders:
+            if holder["name"] in missing:
+                since = self._missing_since.setdefault(holder["name"], now)
+                if now - since >= grace_s:
+                    dead.append(holder)
+        return dead
 
     def _take_over(self, entry_id: str, fields: dict[str, str], deliveries: int, holder: str) -> None:
         """Run a reclaimed message again, or dead-letter it once its deliveries pass the limit."""
