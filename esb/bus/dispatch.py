@@ -150,3 +150,84 @@ def finish(client: redis.Redis, keys: Keys, entry_id: str, msg_id: str, done_ttl
     pipe = client.pipeline(transaction=True)
     queue_finished(pipe, keys, [(entry_id, msg_id)], done_ttl_s)
     pipe.execute()
+
+
+# -- dead letters: messages given up on after max_deliveries ----------------------------
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message moved out of the dispatch stream: what it was and why it was given up."""
+
+    entry_id: str  # its id in the dead-letter stream
+    message: DispatchMessage
+    deliveries: int
+    last_error: str | None
+    dead_at: float
+
+
+def queue_dead_letter(
+    pipe: Pipeline,
+    keys: Keys,
+    entry_id: str,
+    fields: dict[str, str],
+    deliveries: int,
+    last_error: str | None,
+) -> None:
+    """Queue on PIPE: copy the dispatch entry to the dead-letter stream with its deliveries
+    and last error, then acknowledge and delete it from the dispatch stream."""
+    dead = dict(fields) | {
+        "deliveries": str(deliveries),
+        "last_error": last_error or "",
+        "dead_at": repr(time.time()),
+    }
+    pipe.xadd(keys.dead_letters, dead)
+    pipe.xack(keys.dispatch, keys.dispatch_group, entry_id)
+    pipe.xdel(keys.dispatch, entry_id)
+
+
+def _dead_letter_of(entry_id: str, fields: dict[str, str]) -> DeadLetter:
+    try:
+        message = DispatchMessage.from_fields(fields)
+    except (KeyError, ValueError):  # a malformed entry that kept killing its workers
+        msg_id = fields.get("id") or entry_id
+        message = DispatchMessage(msg_id, fields.get("service", "?"), fields.get("payload"), msg_id)
+    return DeadLetter(
+        entry_id=entry_id,
+        message=message,
+        deliveries=int(fields.get("deliveries") or 0),
+        last_error=fields.get("last_error") or None,
+        dead_at=float(fields.get("dead_at") or 0.0),
+    )
+
+
+def dead_letter_count(client: redis.Redis, keys: Keys) -> int:
+    return int(client.xlen(keys.dead_letters))
+
+
+def dead_letters(client: redis.Redis, keys: Keys, count: int = 1000) -> list[DeadLetter]:
+    """The oldest COUNT dead letters, oldest first."""
+    entries = client.xrange(keys.dead_letters, count=count)
+    return [_dead_letter_of(entry_id, fields) for entry_id, fields in entries]
+
+
+def retry_dead_letter(client: redis.Redis, keys: Keys, entry_id: str) -> str | None:
+    """Put dead letter ENTRY_ID back on the dispatch stream as a new delivery, with its
+    message id and cid; answers the new dispatch entry id, or None when there is no such
+    dead letter. Appending and removing happen in one transaction."""
+    found = client.xrange(keys.dead_letters, min=entry_id, max=entry_id)
+    if not found:
+        return None
+    fields = {
+        k: v for k, v in found[0][1].items() if k not in ("deliveries", "last_error", "dead_at")
+    }
+    pipe = client.pipeline(transaction=True)
+    pipe.xadd(keys.dispatch, fields)
+    pipe.xdel(keys.dead_letters, entry_id)
+    new_entry_id, _deleted = pipe.execute()
+    return new_entry_id
+
+
+def drop_dead_letter(client: redis.Redis, keys: Keys, entry_id: str) -> bool:
+    """Remove dead letter ENTRY_ID for good; answers whether it existed."""
+    return bool(client.xdel(keys.dead_letters, entry_id))

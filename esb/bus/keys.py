@@ -50,3 +50,20 @@ class Keys:
     def job_inflight(self, job: str) -> str:
         """The firing id of a job's run in progress; absent when none runs."""
         return f"{self.prefix}job:{job}:inflight"
+
+    # -- dispatch: liveness of consumers, dead letters, worker deaths ------------------
+
+    def consumer_alive(self, consumer: str) -> str:
+        """Present while the dispatch consumer CONSUMER's process lives; set with a short TTL
+        by a native thread of that worker, so only a dead or stopped worker loses it."""
+        return f"{self.prefix}dispatch:alive:{consumer}"
+
+    @property
+    def dead_letters(self) -> str:
+        """The stream of dispatch messages given up on after ``max_deliveries``."""
+        return f"{self.prefix}dispatch:dead"
+
+    @property
+    def worker_deaths(self) -> str:
+        """Sorted set of workers that died without being asked to (``host:pid``, score: when)."""
+        return f"{self.prefix}worker:deaths"

@@ -48,6 +48,12 @@ def render_text(status: dict[str, Any]) -> str:
             f"runs {job['runs']}, missed {job['missed']}, last {job['last_run']}, "
             f"next {job['next_run']}" + (f", error {job['last_error']}" if job["last_error"] else "")
         )
+    dispatch = status.get("dispatch")
+    if dispatch:
+        lines.append(
+            f"{mark(not dispatch['dead_letters'])}dispatch: {dispatch['dead_letters']} dead letters, "
+            f"{dispatch['worker_deaths_last_min']} worker deaths in the last minute"
+        )
     return "\n".join(lines)
 
 

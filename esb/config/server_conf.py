@@ -90,6 +90,11 @@ class DispatchSection:
     max_backlog: int = _key(
         100000, "Unfinished dispatch messages Redis may hold; past it invoke_async answers 503."
     )
+    max_deliveries: int = _key(
+        3,
+        "Deliveries (reclaims included) after which a message whose worker keeps dying is "
+        "moved to the dead-letter stream instead of being run again.",
+    )
 
 
 @dataclass(frozen=True)
@@ -300,6 +305,7 @@ def _validate(config: ServerConfig, file: str) -> None:
     need(bool(config.admin.password), "admin.password", "must be set")
     need(config.dispatch.concurrency >= 1, "dispatch.concurrency", "must be at least 1")
     need(config.dispatch.max_backlog >= 0, "dispatch.max_backlog", "must not be negative")
+    need(config.dispatch.max_deliveries >= 1, "dispatch.max_deliveries", "must be at least 1")
     need(config.dispatch.reclaim_idle_s > 0, "dispatch.reclaim_idle_s", "must be positive")
     need(config.scheduler.misfire_grace_s >= 0, "scheduler.misfire_grace_s", "must not be negative")
     need(config.scheduler.lease_ttl_s >= 1, "scheduler.lease_ttl_s", "must be at least 1 second")

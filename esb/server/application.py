@@ -11,6 +11,7 @@ from esb.bus import Keys, make_redis
 from esb.config import ServerConfig, load_server_config
 from esb.observe import metrics, setup_logging
 from esb.server import hooks
+from esb.server.arbiter import EsbArbiter
 
 
 class EsbApplication(BaseApplication):
@@ -58,6 +59,14 @@ class EsbApplication(BaseApplication):
         )
         self.runtime = WorkerRuntime(self.config)
         return self.runtime.app
+
+    def run(self) -> None:
+        """gunicorn's run with esb's arbiter: a booted worker's exit code cannot halt it."""
+        try:
+            EsbArbiter(self).run()
+        except RuntimeError as exc:
+            print(f"\nError: {exc}\n", file=sys.stderr)
+            raise SystemExit(1) from None
 
     def arbiter_redis(self) -> redis.Redis:
         """The arbiter's own client, made on first use (never before a fork)."""

@@ -1,11 +1,15 @@
 """A worker's consumer of the dispatch stream: read, run, acknowledge, reclaim.
 
-Four loops, each in its own greenlet: ``read_loop`` takes new messages while the pool has
+Three loops, each in its own greenlet: ``read_loop`` takes new messages while the pool has
 room; ``finish_loop`` acknowledges finished messages, together with their run records, in
-one transaction for all that finished since its last round trip; ``keepalive_loop``
-resets the idle time of the messages this worker holds, so nobody reclaims them;
-``reclaim_loop`` takes over messages whose worker went silent (killed, hung, stopped) for
-longer than ``reclaim_idle_s``.
+one transaction for all that finished since its last round trip; ``reclaim_loop`` takes
+over messages whose consumer's liveness key is gone. That key is refreshed by a native
+thread (``esb.server.liveness``), not a greenlet: a service that holds the loop for a
+while keeps its messages, and only a worker that is dead, stopped or killed by the
+arbiter's timeout loses them (the key must stay missing for two beats, so a Redis restart
+that lost it is not mistaken for a death). A message whose deliveries (reclaims included) pass
+``max_deliveries`` has killed its workers that often: it goes to the dead-letter stream
+instead of running again.
 
 PERF(esb): a scheduler fires hundreds of jobs in the same millisecond. Round trips are
 paid per batch rather than per message, so the last service of a burst starts soon after
@@ -28,9 +32,10 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError, ResponseError
 
 from esb.bus import DispatchMessage, Keys, ensure_group
-from esb.bus.dispatch import is_done, queue_finished
+from esb.bus.dispatch import is_done, queue_dead_letter, queue_finished
 from esb.config.server_conf import DispatchSection
 from esb.observe.retry import Retrying
+from esb.server.liveness import NativeLiveness
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ class DispatchConsumer:
         settings: DispatchSection,
         run: RunMessage,
         record: RecordRun | None = None,
+        redis_url: str,
     ):
         self.client = client
         self.reader = reader
@@ -86,12 +92,25 @@ class DispatchConsumer:
         self._finisher: gevent.Greenlet | None = None
         self._running = False
         self._nothing_more_to_finish = False
+        # Consumer name -> when its liveness key was first seen missing (monotonic).
+        self._missing_since: dict[str, float] = {}
+        self.liveness = NativeLiveness(
+            redis_url,
+            keys.consumer_alive(consumer_name),
+            ttl_s=settings.reclaim_idle_s,
+            interval_s=max(settings.reclaim_idle_s / 4, 0.1),
+        )
 
     def start(self) -> None:
         self._running = True
+        # Before the first read: a consumer is never without its key while it holds work.
+        try:
+            self.client.set(self.liveness.key, "1", px=self.liveness.ttl_ms)
+        except RedisError as exc:
+            logger.warning("dispatch liveness not set yet (%s); the liveness thread retries", exc)
+        self.liveness.start()
         self._greenlets = [
             gevent.spawn(self.read_loop),
-            gevent.spawn(self.keepalive_loop),
             gevent.spawn(self.reclaim_loop),
         ]
         self._finisher = gevent.spawn(self.finish_loop)
@@ -107,6 +126,12 @@ class DispatchConsumer:
         if self._finisher is not None:
             self._finisher.join(timeout=2)
             self._finisher.kill(block=True, timeout=1)
+        # What is left pending may be reclaimed at once rather than after the key's TTL.
+        self.liveness.stop()
+        try:
+            self.client.delete(self.liveness.key)
+        except RedisError as exc:
+            logger.debug("dispatch liveness key not deleted (%s); it expires", exc)
 
     def read_loop(self) -> None:
         retrying = Retrying(logger, f"dispatch read of {self.consumer_name}")
@@ -240,38 +265,7 @@ class DispatchConsumer:
         )
         pipe.execute()
 
-    def keepalive_loop(self) -> None:
-        interval_s = max(self.settings.reclaim_idle_s / 3, 0.2)
-        while self._running:
-            gevent.sleep(interval_s)
-            if not self.inflight:
-                continue
-            try:
-                # Only refresh entries still ours: one reclaimed while we were silent stays
-                # with the worker that took it.
-                pending = self.client.xpending_range(
-                    self.keys.dispatch,
-                    self.keys.dispatch_group,
-                    min="-",
-                    max="+",
-                    count=max(len(self.inflight), 1) * 2,
-                    consumername=self.consumer_name,
-                )
-                ours = [p["message_id"] for p in pending if p["message_id"] in self.inflight]
-                if ours:
-                    self.client.xclaim(
-                        self.keys.dispatch,
-                        self.keys.dispatch_group,
-                        self.consumer_name,
-                        min_idle_time=0,
-                        message_ids=ours,
-                        justid=True,
-                    )
-            except RedisError as exc:
-                logger.debug("dispatch keepalive failed (%s); retrying", exc)
-
     def reclaim_loop(self) -> None:
-        idle_ms = int(self.settings.reclaim_idle_s * 1000)
         interval_s = max(self.settings.reclaim_idle_s / 2, 0.25)
         while self._running:
             gevent.sleep(interval_s)
@@ -279,29 +273,118 @@ class DispatchConsumer:
             if free == 0:
                 continue
             try:
-                reply = self.client.xautoclaim(
-                    self.keys.dispatch,
-                    self.keys.dispatch_group,
-                    self.consumer_name,
-                    min_idle_time=idle_ms,
-                    start_id="0-0",
-                    count=free,
-                )
+                self.reclaim(free)
             except RedisError as exc:
                 logger.debug("dispatch reclaim failed (%s); retrying", exc)
+
+    def reclaim(self, limit: int) -> int:
+        """Take over up to LIMIT messages held by consumers whose liveness key is gone, and
+        entries of this consumer left unacknowledged after a Redis error (pending here but no
+        longer in ``inflight``); answer how many were taken (run here or dead-lettered).
+
+        XCLAIM with a minimum idle time settles races between reclaimers: the first resets
+        the idle time, the others then claim nothing.
+        """
+        summary = self.client.xpending(self.keys.dispatch, self.keys.dispatch_group)
+        holders = summary.get("consumers") or []
+        others = [h for h in holders if h["name"] != self.consumer_name]
+        pipe = self.client.pipeline(transaction=False)
+        for holder in others:
+            pipe.exists(self.keys.consumer_alive(holder["name"]))
+        alive = pipe.execute() if others else []
+        candidates = self._confirmed_dead(others, alive)
+        candidates += [h for h in holders if h["name"] == self.consumer_name]
+        idle_ms = int(self.settings.reclaim_idle_s * 1000)
+        taken = 0
+        for holder_row in candidates:
+            if taken >= limit:
+                break
+            holder = holder_row["name"]
+            is_ours = holder == self.consumer_name
+            pending = self.client.xpending_range(
+                self.keys.dispatch,
+                self.keys.dispatch_group,
+                min="-",
+                max="+",
+                count=limit - taken,
+                consumername=holder,
+                idle=idle_ms,
+            )
+            if is_ours:
+                pending = [p for p in pending if p["message_id"] not in self.inflight]
+            if not pending:
                 continue
-            for entry_id, fields in reply[1]:
-                if entry_id in self.inflight:
-                    continue
-                if not fields:
-                    continue  # deleted while pending: nothing left to run
-                logger.warning(
-                    "reclaimed message %s for %s from a worker silent for over %.1f s",
-                    fields.get("id"),
-                    fields.get("service"),
-                    self.settings.reclaim_idle_s,
-                )
-                self.submit(entry_id, fields)
+            deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+            claimed = self.client.xclaim(
+                self.keys.dispatch,
+                self.keys.dispatch_group,
+                self.consumer_name,
+                min_idle_time=idle_ms,
+                message_ids=list(deliveries),
+            )
+            for entry_id, fields in claimed:
+                if entry_id in self.inflight or not fields:
+                    continue  # not fields: deleted while pending, nothing left to run
+                taken += 1
+                # XCLAIM counted this delivery too.
+                self._take_over(entry_id, fields, deliveries[entry_id] + 1, holder)
+            if not is_ours and len(claimed) >= int(holder_row["pending"]):
+                # Nothing of it is pending any more: keep the group's consumer list short.
+                self.client.xgroup_delconsumer(self.keys.dispatch, self.keys.dispatch_group, holder)
+        return taken
+
+    def _confirmed_dead(self, holders: list[dict], alive: list[int]) -> list[dict]:
+        """The HOLDERS whose liveness key has been missing for at least two of their beats.
+
+        A key missing once may be a Redis that just restarted and lost it (it was expiring
+        while Redis was down) before the consumer's thread set it again; its messages are
+        still running. Two beats later a live consumer has its key back.
+        """
+        now = time.monotonic()
+        grace_s = 2 * self.liveness.interval_s
+        missing = {h["name"] for h, is_alive in zip(holders, alive, strict=True) if not is_alive}
+        for name in list(self._missing_since):
+            if name not in missing:
+                del self._missing_since[name]
+        dead = []
+        for holder in holders:
+            if holder["name"] in missing:
+                since = self._missing_since.setdefault(holder["name"], now)
+                if now - since >= grace_s:
+                    dead.append(holder)
+        return dead
+
+    def _take_over(self, entry_id: str, fields: dict[str, str], deliveries: int, holder: str) -> None:
+        """Run a reclaimed message again, or dead-letter it once its deliveries pass the limit."""
+        if deliveries <= self.settings.max_deliveries:
+            logger.warning(
+                "reclaimed message %s for %s from consumer %s (delivery %d of %d)",
+                fields.get("id"),
+                fields.get("service"),
+                holder,
+                deliveries,
+                self.settings.max_deliveries,
+            )
+            self.submit(entry_id, fields)
+            return
+        msg_id = fields.get("id")
+        if msg_id and is_done(self.client, self.keys, msg_id):
+            self.submit(entry_id, fields, is_known_done=True)
+            return
+        last_error = (
+            f"delivered {deliveries - 1} times without finishing; its last worker (consumer "
+            f"{holder}) died or stopped while holding it"
+        )
+        pipe = self.client.pipeline(transaction=True)
+        queue_dead_letter(pipe, self.keys, entry_id, fields, deliveries - 1, last_error)
+        pipe.execute()
+        logger.error(
+            "message %s for %s moved to the dead-letter stream: %s; see 'esb dead-letters'",
+            msg_id,
+            fields.get("service"),
+            last_error,
+            extra={"cid": fields.get("cid"), "service": fields.get("service")},
+        )
 
 
 def consumer_name(host: str, pid: int) -> str:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import gevent
+from gevent.timeout import Timeout
 from redis.client import Pipeline
 from redis.exceptions import RedisError
 
@@ -32,7 +33,7 @@ from esb.bus import (
 )
 from esb.bus.jobstate import record_run
 from esb.config import Definitions, ServerConfig, merge_units
-from esb.errors import ConfigError, OdbUnavailable, ServiceNotFound
+from esb.errors import BadInput, ConfigError, OdbUnavailable, ServiceFailed, ServiceNotFound, Unavailable
 from esb.observe import metrics
 from esb.observe.blocking import start_block_monitor
 from esb.observe.retry import Retrying
@@ -104,6 +105,7 @@ class WorkerRuntime:
             settings=config.dispatch,
             run=self.run_dispatched,
             record=self.record_run,
+            redis_url=config.redis_url,
         )
         self._greenlets: list[gevent.Greenlet] = []
         self._odb_retrying = Retrying(logger, f"reload of worker {self.pid}", service="ODB")
@@ -235,25 +237,32 @@ class WorkerRuntime:
     def run_dispatched(self, message: DispatchMessage) -> str | None:
         """Run one stream message; a failing service is logged and counted, never retried.
 
+        Whatever the service raises, BaseException included (SystemExit, KeyboardInterrupt),
+        ends this run only: the message is finished as a failed run with its error. User code
+        never chooses the worker's fate; left alone, gevent would hand a SystemExit to the
+        main greenlet and the worker would exit with the user's code (3 halts gunicorn).
         Answers the error that ended the run, or None.
         """
         job = JobInfo(**message.job) if message.job else None
         self._observe_delays(message, job)
         try:
-            self.services.invoke(message.service, message.payload, cid=message.cid, job=job)
-        except ServiceNotFound as exc:
+            self.services.run(message.service, message.payload, cid=message.cid, job=job)
+        except ServiceFailed as exc:  # already logged once, with the service and the cid
             metrics.dispatch_runs["error"] += 1
-            logger.error("dispatched message %s dropped: %s", message.msg_id, exc, extra={"cid": message.cid})
-            return str(exc)
-        except Exception as exc:
+            return exc.error
+        except (ServiceNotFound, BadInput, Unavailable, Timeout) as exc:
+            # Not deployed here, the payload refused, a backing service down, or a timeout
+            # the service let escape: a failed run all the same, said in one line.
             metrics.dispatch_runs["error"] += 1
-            logger.exception(
-                "service %s failed on dispatched message %s",
-                message.service,
+            error = f"{type(exc).__name__}: {exc}"
+            logger.error(
+                "dispatched message %s of service %s failed: %s",
                 message.msg_id,
+                message.service,
+                error,
                 extra={"cid": message.cid, "service": message.service},
             )
-            return f"{type(exc).__name__}: {exc}"
+            return error
         metrics.dispatch_runs["ok"] += 1
         return None
 

@@ -47,6 +47,9 @@ class ServiceRuntime:
         self.keys = keys
         self.max_backlog = max_backlog
         self.outgoing = Munch(amqp={}, sql={})
+        # Set by gunicorn's worker_abort hook: the SystemExit it raises next, wherever the
+        # signal lands, is the arbiter's, not a service's, and must end the worker.
+        self.is_aborting = False
 
     def run(
         self,
@@ -76,6 +79,8 @@ class ServiceRuntime:
                 raise
             raise self.failed(name, cid, exc) from None
         except BaseException as exc:
+            if self.is_aborting and isinstance(exc, SystemExit):
+                raise  # gunicorn ends this worker past its timeout (WORKER TIMEOUT): let it
             raise self.failed(name, cid, exc) from None
 
     def failed(self, name: str, cid: str, exc: BaseException) -> ServiceFailed:
@@ -136,4 +141,13 @@ class ServiceRuntime:
         return service.response
 
     def invoke_async(self, name: str, payload: Any, *, cid: str) -> str:
+        """Queue service NAME on the dispatch stream; answers the message id.
+
+        Raises ServiceNotFound at once when NAME is deployed nowhere in the cluster rather
+        than letting the message be dropped later by whichever worker takes it. The store
+        is the cluster's view: every worker loads every module of the shared ODB and
+        reloads on each deploy notice, so the check costs one dict lookup.
+        """
+        if name not in self.store.services:
+            raise ServiceNotFound(name)
         return enqueue(self.redis, self.keys, name, payload, cid=cid, max_backlog=self.max_backlog)

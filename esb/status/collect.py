@@ -128,6 +128,34 @@ def _scheduler(
     return shown | {"instances": instances, "jobs": job_rows(client, keys, definitions, now)}
 
 
+# -- dispatch: dead letters and worker deaths ---------------------------------------------
+
+# More unasked worker deaths than this in the last minute is a crash loop.
+CRASH_LOOP_DEATHS_PER_MIN = 3
+
+
+def _dispatch(client: redis.Redis, keys: Keys, now: dt.datetime) -> dict[str, Any]:
+    """Messages given up on, and workers that died without being asked to in the last minute."""
+    epoch = now.timestamp()
+    pipe = client.pipeline(transaction=False)
+    pipe.xlen(keys.dead_letters)
+    pipe.zcount(keys.worker_deaths, epoch - 60, "+inf")
+    dead_letters, deaths = pipe.execute()
+    return {"dead_letters": int(dead_letters), "worker_deaths_last_min": int(deaths)}
+
+
+def _dispatch_problems(dispatch: dict[str, Any]) -> list[str]:
+    problems = []
+    if dispatch["dead_letters"]:
+        problems.append(
+            f"{dispatch['dead_letters']} dispatch message(s) in the dead-letter stream; "
+            "see 'esb dead-letters'"
+        )
+    if (dispatch["worker_deaths_last_min"] or 0) > CRASH_LOOP_DEATHS_PER_MIN:
+        problems.append(f"{dispatch['worker_deaths_last_min']} worker deaths in the last minute")
+    return problems
+
+
 def collect_status(
     client: redis.Redis, keys: Keys, config: ServerConfig, definitions: Definitions
 ) -> dict[str, Any]:
@@ -142,6 +170,7 @@ def collect_status(
     try:
         workers = _workers(client, keys, stale_after_s, now)
         scheduler = _scheduler(client, keys, definitions, stale_after_s, now)
+        dispatch = _dispatch(client, keys, now)
     except RedisError as exc:
         return {
             "healthy": False,
@@ -152,6 +181,7 @@ def collect_status(
             "workers": [],
             "scheduler": None,
             "launcher": launcher,
+            "dispatch": None,
         }
     problems = []
     if not any(w["alive"] for w in workers):
@@ -160,6 +190,7 @@ def collect_status(
         problems.append("no scheduler is active")
     problems.extend(f"job {j['name']} is stale" for j in scheduler["jobs"] if j["stale"])
     problems.extend(supervision.problems(launcher))
+    problems.extend(_dispatch_problems(dispatch))
     return {
         "healthy": not problems,
         "problems": problems,
@@ -168,4 +199,5 @@ def collect_status(
         "workers": workers,
         "scheduler": scheduler,
         "launcher": launcher,
+        "dispatch": dispatch,
     }
