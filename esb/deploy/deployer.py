@@ -21,7 +21,7 @@ import redis
 from redis.exceptions import RedisError
 
 from esb.bus import Keys
-from esb.config import Definitions, merge_units, parse_unit
+from esb.config import Definitions, ServerConfig, merge_units, parse_unit
 from esb.errors import ConfigError, DeployError
 from esb.odb import MODULE, UNIT, OdbStore
 from esb.service.loader import module_name_of
@@ -98,6 +98,26 @@ class Deployer:
         self.import_limit_s = import_limit_s
         self.cwd = cwd
 
+    @classmethod
+    def for_server(
+        cls,
+        config: ServerConfig,
+        odb: OdbStore,
+        client: redis.Redis,
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> Deployer:
+        """A deployer for the server of CONFIG: its cluster, its import limit, ENVIRON (by
+        default this process's, right for the server's own processes)."""
+        return cls(
+            odb,
+            client,
+            Keys(config.main.cluster),
+            environ=environ,
+            import_limit_s=import_limit_s(config.main.timeout_s),
+            cwd=config.directory,
+        )
+
     # -- the three changes -------------------------------------------------------------
 
     def deploy(self, path: Path) -> DeployOutcome:
@@ -109,7 +129,7 @@ class Deployer:
         if filename.endswith(".py"):
             outcome = self._deploy_module(filename, text)
         elif filename.endswith(".toml"):
-            outcome = self._deploy_unit(filename, text, refuse_missing_services=True)
+            outcome = self._deploy_unit(filename, text)
         else:
             raise DeployError(filename, "only .py service modules and .toml definitions deploy")
         self.announce()
@@ -118,15 +138,21 @@ class Deployer:
     def deploy_unit_text(self, name: str, text: str) -> DeployOutcome | None:
         """Store a unit unless it is identical to the live version (used at start).
 
-        A service it names that no module defines is logged, not refused: config/ is the
-        server's own, and its channels answer 503 until the module is deployed.
+        Only the definitions are checked, merged with every other unit: config/ is the
+        server's own, a module that no longer imports must not keep the server from
+        starting (workers then stay on the last good generation), and a channel whose
+        service is not deployed yet answers 503 until it is.
         """
         for current in self.odb.current(UNIT):
             if current.name == name and current.content == text:
                 return None
-        outcome = self._deploy_unit(name, text, refuse_missing_services=False)
+        parsed = parse_unit(name, text, environ=self.environ)
+        units = {u.name: u.content for u in self.odb.current(UNIT)}
+        units[name] = text
+        merge_units(sorted(units.items()), environ=self.environ)
+        version = self.odb.put(UNIT, name, text)
         self.announce()
-        return outcome
+        return DeployOutcome(name, "definitions", name, version, _counts(parsed))
 
     def undeploy(self, name: str) -> DeployOutcome:
         """Remove a module (``orders``, ``orders.py``) or a unit (``orders.toml``).
@@ -139,7 +165,7 @@ class Deployer:
         (modules if kind == MODULE else units).pop(stored)
         what = f"{stored}.py" if kind == MODULE else stored
         try:
-            self._check(modules, units, changed=None, refuse_missing_services=True)
+            self._check(modules, units, changed=None)
         except (ConfigError, DeployError) as exc:
             raise DeployError(what, f"cannot be undeployed, the rest would not apply: {exc}") from None
         version = self.odb.put(kind, stored, "", is_deleted=True)
@@ -166,21 +192,20 @@ class Deployer:
         modules = {m.name: m.content for m in self.odb.current(MODULE)}
         modules[name] = text
         units = {u.name: u.content for u in self.odb.current(UNIT)}
-        owners = self._check(modules, units, changed=name, refuse_missing_services=True)
+        owners = self._check(modules, units, changed=name)
         services = sorted(s for s, owner in owners.items() if owner == name)
         version = self.odb.put(MODULE, name, text)
         detail = "services: " + (", ".join(services) or "none")
         return DeployOutcome(filename, "module", name, version, detail)
 
-    def _deploy_unit(self, name: str, text: str, *, refuse_missing_services: bool) -> DeployOutcome:
+    def _deploy_unit(self, name: str, text: str) -> DeployOutcome:
         parsed = parse_unit(name, text, environ=self.environ)
         modules = {m.name: m.content for m in self.odb.current(MODULE)}
         units = {u.name: u.content for u in self.odb.current(UNIT)}
         units[name] = text
-        self._check(modules, units, changed=None, refuse_missing_services=refuse_missing_services)
+        self._check(modules, units, changed=None)
         version = self.odb.put(UNIT, name, text)
-        counts = ", ".join(f"{len(defs)} {kind}" for kind, defs in sorted(parsed.items()))
-        return DeployOutcome(name, "definitions", name, version, counts or "no objects")
+        return DeployOutcome(name, "definitions", name, version, _counts(parsed))
 
     def _check(
         self,
@@ -188,7 +213,6 @@ class Deployer:
         units: dict[str, str],
         *,
         changed: str | None,
-        refuse_missing_services: bool,
     ) -> dict[str, str]:
         """Validate the whole set as workers will load it; the module owning each service.
 
@@ -223,9 +247,7 @@ class Deployer:
                 owners[service] = name
         problem = _missing_service(definitions, owners)
         if problem is not None:
-            if refuse_missing_services:
-                raise problem
-            logger.warning("%s; its users answer 503 until a module defines it", problem)
+            raise problem
         return owners
 
     def announce(self) -> None:
@@ -238,6 +260,10 @@ class Deployer:
                 "deploy stored but not announced (Redis: %s); workers pick it up from the ODB within seconds",
                 exc,
             )
+
+
+def _counts(parsed: Mapping[str, list]) -> str:
+    return ", ".join(f"{len(defs)} {kind}" for kind, defs in sorted(parsed.items())) or "no objects"
 
 
 def _missing_service(definitions: Definitions, owners: Mapping[str, str]) -> ConfigError | None:
