@@ -148,8 +148,8 @@ class Deployer:
                 return None
         parsed = parse_unit(name, text, environ=self.environ)
         units = {u.name: u.content for u in self.odb.current(UNIT)}
-        units[name] = text
-        merge_units(sorted(units.items()), environ=self.environ)
+        units.pop(name, None)
+        merge_units([*sorted(units.items()), (name, text)], environ=self.environ)
         version = self.odb.put(UNIT, name, text)
         self.announce()
         return DeployOutcome(name, "definitions", name, version, _counts(parsed))
@@ -203,7 +203,7 @@ class Deployer:
         modules = {m.name: m.content for m in self.odb.current(MODULE)}
         units = {u.name: u.content for u in self.odb.current(UNIT)}
         units[name] = text
-        self._check(modules, units, changed=None)
+        self._check(modules, units, changed=None, changed_unit=name)
         version = self.odb.put(UNIT, name, text)
         return DeployOutcome(name, "definitions", name, version, _counts(parsed))
 
@@ -213,12 +213,15 @@ class Deployer:
         units: dict[str, str],
         *,
         changed: str | None,
+        changed_unit: str | None = None,
     ) -> dict[str, str]:
         """Validate the whole set as workers will load it; the module owning each service.
 
         Raises ConfigError (definitions) or DeployError (modules) on the first problem.
         """
-        definitions = merge_units(sorted(units.items()), environ=self.environ)
+        # The changed unit merges last, so a clash names it rather than the unit it clashes with.
+        merge_order = sorted(units.items(), key=lambda unit: (unit[0] == changed_unit, unit[0]))
+        definitions = merge_units(merge_order, environ=self.environ)
         from esb.deploy.validate import validate_modules
 
         verdicts = validate_modules(
@@ -235,7 +238,9 @@ class Deployer:
                     reason = f"(deployed earlier) no longer imports in the server's environment: {reason}"
                 raise DeployError(f"{name}.py", reason, line=verdict.line)
         owners: dict[str, str] = {}
-        for name in order:
+        # Modules already deployed own their services; the changed one comes last, so a
+        # clash names it as the one taking a name over.
+        for name in sorted(modules, key=lambda m: (m == changed, m)):
             for service in verdicts[name].services:
                 other = owners.get(service)
                 if other is not None:
