@@ -132,7 +132,9 @@ class PickupWatcher:
                 self._seen[path.name] = (signature, now)  # a writer still holds it: settle again
                 continue
             ready.append((path, signature))
-        return ready
+        # Modules first: a definitions file dropped beside the module whose services it
+        # names must find them deployed.
+        return sorted(ready, key=lambda item: (item[0].suffix != ".py", item[0].name))
 
     # -- handling one file -------------------------------------------------------------
 

@@ -33,7 +33,7 @@ def check_module_name(name: str) -> None:
     Raises DeployError.
     """
     filename = f"{name}.py"
-    if name == "esb" or name.startswith("esb_"):
+    if name == "esb":
         raise DeployError(filename, f"module name {name!r} is esb's own; rename the file")
     if name in sys.builtin_module_names or name in sys.stdlib_module_names:
         raise DeployError(filename, f"module name {name!r} is taken by the standard library; rename the file")
