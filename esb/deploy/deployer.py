@@ -160,12 +160,17 @@ class Deployer:
         Refused, with what still points at it, when the rest would not validate.
         """
         kind, stored = self._resolve(name)
-        modules = {m.name: m.content for m in self.odb.current(MODULE)}
+        before = {m.name: m.content for m in self.odb.current(MODULE)}
+        modules = dict(before)
         units = {u.name: u.content for u in self.odb.current(UNIT)}
         (modules if kind == MODULE else units).pop(stored)
         what = f"{stored}.py" if kind == MODULE else stored
         try:
-            self._check(modules, units, changed=None)
+            if kind == MODULE:
+                self._check(modules, units, changed=None, before=before)
+            else:
+                # Taking objects away leaves no service unnamed; merging checks the rest.
+                self._check(modules, units, changed=None, changed_unit="")
         except (ConfigError, DeployError) as exc:
             raise DeployError(what, f"cannot be undeployed, the rest would not apply: {exc}") from None
         version = self.odb.put(kind, stored, "", is_deleted=True)
@@ -189,10 +194,10 @@ class Deployer:
 
     def _deploy_module(self, filename: str, text: str) -> DeployOutcome:
         name = module_name_of(filename)
-        modules = {m.name: m.content for m in self.odb.current(MODULE)}
-        modules[name] = text
+        before = {m.name: m.content for m in self.odb.current(MODULE)}
+        modules = before | {name: text}
         units = {u.name: u.content for u in self.odb.current(UNIT)}
-        owners = self._check(modules, units, changed=name)
+        owners = self._check(modules, units, changed=name, before=before)
         services = sorted(s for s, owner in owners.items() if owner == name)
         version = self.odb.put(MODULE, name, text)
         detail = "services: " + (", ".join(services) or "none")
@@ -214,10 +219,13 @@ class Deployer:
         *,
         changed: str | None,
         changed_unit: str | None = None,
+        before: dict[str, str] | None = None,
     ) -> dict[str, str]:
         """Validate the whole set as workers will load it; the module owning each service.
 
-        Raises ConfigError (definitions) or DeployError (modules) on the first problem.
+        CHANGED is the module being deployed, CHANGED_UNIT the unit; BEFORE, for a change
+        of modules, the modules the ODB holds now. Raises ConfigError (definitions) or
+        DeployError (modules) on the first problem.
         """
         # The changed unit merges last, so a clash names it rather than the unit it clashes with.
         merge_order = sorted(units.items(), key=lambda unit: (unit[0] == changed_unit, unit[0]))
@@ -250,9 +258,29 @@ class Deployer:
                         f"{name}.py may not define it too",
                     )
                 owners[service] = name
-        problem = _missing_service(definitions, owners)
-        if problem is not None:
-            raise problem
+        # A service named by a channel, job or notification must be defined, for the
+        # objects this change adds or modules it changes. A dangling name that was there
+        # before (config/ at start, a rollback) answers 503 and does not block every deploy.
+        missing = _missing_services(definitions, owners, only_unit=changed_unit)
+        if missing and before is not None:
+            was = self._owners_leniently(before)
+            missing = [m for m in missing if m[2] in was]  # only what this change takes away
+        if missing:
+            unit, key, service = missing[0]
+            raise ConfigError(unit, key, f"no deployed module defines service {service!r}")
+        return owners
+
+    def _owners_leniently(self, modules: dict[str, str]) -> dict[str, str]:
+        """Service -> module of the modules that import, ignoring those that do not."""
+        from esb.deploy.validate import validate_modules
+
+        owners: dict[str, str] = {}
+        verdicts = validate_modules(
+            sorted(modules.items()), environ=self.environ, limit_s=self.import_limit_s, cwd=self.cwd
+        )
+        for name, verdict in sorted(verdicts.items()):
+            for service in verdict.services:
+                owners.setdefault(service, name)
         return owners
 
     def announce(self) -> None:
@@ -271,13 +299,16 @@ def _counts(parsed: Mapping[str, list]) -> str:
     return ", ".join(f"{len(defs)} {kind}" for kind, defs in sorted(parsed.items())) or "no objects"
 
 
-def _missing_service(definitions: Definitions, owners: Mapping[str, str]) -> ConfigError | None:
-    """The first channel, job or notification naming a service no module defines."""
+def _missing_services(
+    definitions: Definitions, owners: Mapping[str, str], *, only_unit: str | None = None
+) -> list[tuple[str, str, str]]:
+    """(unit, key, service) of every channel, job or notification naming a service no module
+    defines; with ONLY_UNIT, of that unit's objects only."""
+    missing = []
     for kind in SERVICE_USERS:
         for name, obj in sorted(definitions.of(kind).items()):
-            if obj.service not in owners:
-                unit = definitions.unit_of[(kind, name)]
-                return ConfigError(
-                    unit, f"{kind}.{name}.service", f"no deployed module defines service {obj.service!r}"
-                )
-    return None
+            unit = definitions.unit_of[(kind, name)]
+            if obj.service not in owners and (only_unit is None or unit == only_unit):
+                missing.append((unit, f"{kind}.{name}.service", obj.service))
+    return missing
+
