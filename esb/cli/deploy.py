@@ -6,9 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from esb.bus import Keys, make_redis
+from esb.bus import make_redis
 from esb.cli.common import FAILURE, OK, load_or_exit
-from esb.deploy import Deployer
+from esb.config import ServerConfig
+from esb.deploy import Deployer, server_environment
 from esb.errors import ConfigError, DeployError, OdbUnavailable
 from esb.odb import OdbStore
 
@@ -20,17 +21,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def make_deployer(config: ServerConfig) -> Deployer:
+    """A deployer that validates in the environment the server recorded when it started,
+    not this shell's: that is where workers resolve $ENV{...} and import modules."""
+    environ = server_environment(config.run_dir)
+    if environ is None:
+        print(
+            f"esb: warning: {config.directory} has not recorded its environment (never started?); "
+            "validating in this shell's environment",
+            file=sys.stderr,
+        )
+    return Deployer.for_server(
+        config, OdbStore(config.odb_url), make_redis(config.redis_url, retries=1), environ=environ
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_or_exit(args.directory)
-    deployer = Deployer(
-        OdbStore(config.odb_url), make_redis(config.redis_url, retries=1), Keys(config.main.cluster)
-    )
+    deployer = make_deployer(config)
     code = OK
     for name in args.files:
         try:
             print(deployer.deploy(Path(name)))
         except (DeployError, ConfigError) as exc:
-            print(f"esb: rejected {exc}; the previous version keeps serving", file=sys.stderr)
+            print(f"esb: rejected {exc}; nothing written, the previous version serves", file=sys.stderr)
             code = FAILURE
         except OdbUnavailable as exc:
             print(f"esb: {name} not deployed: {exc}", file=sys.stderr)

@@ -6,10 +6,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from esb.cli import check_config, dead_letters, deploy, invoke, jobs, quickstart, start, status, stop
+from esb.cli import (
+    check_config,
+    dead_letters,
+    deploy,
+    invoke,
+    jobs,
+    quickstart,
+    start,
+    status,
+    stop,
+    undeploy,
+)
 from esb.config import render_example
 
-COMMANDS = (quickstart, start, stop, status, jobs, deploy, invoke, check_config, dead_letters)
+COMMANDS = (quickstart, start, stop, status, jobs, deploy, undeploy, invoke, check_config, dead_letters)
 
 
 def _config_example(args: argparse.Namespace) -> int:

@@ -119,6 +119,16 @@ class SchedulerSection:
 
 
 @dataclass(frozen=True)
+class PickupSection:
+    settle_s: float = _key(
+        3.0,
+        "Seconds a file in pickup/ must stay unchanged, and open for writing by no process, "
+        "before it is deployed.",
+    )
+    keep_deployed: int = _key(20, "Deployed files kept in pickup/deployed/, the newest; 0 keeps none.")
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     level: str = _key("INFO", "Log level of every esb process.")
     json: bool = _key(False, "Write log lines as JSON objects instead of text.")
@@ -137,6 +147,7 @@ class ServerConfig:
     dispatch: DispatchSection
     observe: ObserveSection
     scheduler: SchedulerSection
+    pickup: PickupSection
     logging: LoggingSection
     # One sentence per deprecated key name the file or environment used.
     deprecations: tuple[str, ...] = ()
@@ -191,6 +202,7 @@ SECTIONS: dict[str, type] = {
     "dispatch": DispatchSection,
     "observe": ObserveSection,
     "scheduler": SchedulerSection,
+    "pickup": PickupSection,
     "logging": LoggingSection,
 }
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -310,6 +322,8 @@ def _validate(config: ServerConfig, file: str) -> None:
     need(config.scheduler.misfire_grace_s >= 0, "scheduler.misfire_grace_s", "must not be negative")
     need(config.scheduler.lease_ttl_s >= 1, "scheduler.lease_ttl_s", "must be at least 1 second")
     need(config.scheduler.inflight_ttl_s > 0, "scheduler.inflight_ttl_s", "must be positive")
+    need(config.pickup.settle_s > 0, "pickup.settle_s", "must be positive")
+    need(config.pickup.keep_deployed >= 0, "pickup.keep_deployed", "must not be negative")
     need(config.observe.heartbeat_interval_s > 0, "observe.heartbeat_interval_s", "must be positive")
     need(
         config.observe.stale_after_s > config.observe.heartbeat_interval_s,

@@ -1,14 +1,31 @@
-"""The pickup watcher: the one process per server that deploys files dropped into pickup/."""
+"""The pickup watcher: the one process per server that deploys files dropped into pickup/.
+
+A file is taken only when it has stayed unchanged (inode, size, mtime) for
+``[pickup] settle_s`` and no process holds it open for writing (read from /proc on
+Linux). Why not inotify's close-write alone: it is not in the standard library, and a
+writer that appends in several open-write-close rounds closes the file between parts,
+so a quiet period is needed anyway; the /proc check adds what close-write would have
+said, without a dependency. Writing the file elsewhere and renaming it into place is
+still best: the rename is atomic, and the file is whole the moment it appears.
+
+A deployed file moves to ``pickup/deployed/`` (the newest ``keep_deployed`` are kept), a
+rejected one to ``pickup/rejected/`` with a ``.error`` file beside it saying why; the
+operator's copy is never deleted unread. Symlinks are refused (moved to rejected/ as
+links, never followed). Hidden files (``.name``) and other suffixes are left alone, so
+``.orders.py.tmp`` can be written in place and renamed.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from esb.bus import Keys, make_redis
+from esb.bus import make_redis
 from esb.config import load_server_config
 from esb.deploy.deployer import Deployer
 from esb.errors import ConfigError, DeployError, OdbUnavailable
@@ -18,48 +35,172 @@ from esb.odb import OdbStore
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.5
-# A file still being written changes; wait until it has been quiet this long.
-SETTLE_S = 0.3
+SUFFIXES = (".py", ".toml")
+DEPLOYED = "deployed"
+REJECTED = "rejected"
+
+Signature = tuple[int, int, int]  # inode, size, mtime_ns
+
+
+def open_for_writing() -> set[tuple[int, int]] | None:
+    """(device, inode) of every file some process we may inspect holds open for writing;
+    None where /proc does not tell (not Linux)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fdinfo").is_dir():
+        return None
+    found: set[tuple[int, int]] = set()
+    for pid_dir in proc.iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            fds = os.listdir(pid_dir / "fd")
+        except OSError:
+            continue  # gone, or another user's
+        for fd in fds:
+            try:
+                st = os.stat(pid_dir / "fd" / fd)
+                if not (st.st_mode & 0o170000 == 0o100000):
+                    continue  # only regular files matter
+                flags = next(
+                    line.split()[1]
+                    for line in (pid_dir / "fdinfo" / fd).read_text().splitlines()
+                    if line.startswith("flags:")
+                )
+            except (OSError, StopIteration, IndexError):
+                continue
+            if int(flags, 8) & 0o3 in (os.O_WRONLY, os.O_RDWR):
+                found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def _stamp() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
 class PickupWatcher:
-    def __init__(self, directory: Path, deployer: Deployer):
+    def __init__(
+        self, directory: Path, deployer: Deployer, *, settle_s: float = 3.0, keep_deployed: int = 20
+    ):
         self.directory = directory
         self.deployer = deployer
+        self.settle_s = settle_s
+        self.keep_deployed = keep_deployed
+        # name -> (signature, monotonic time it was first seen with that signature)
+        self._seen: dict[str, tuple[Signature, float]] = {}
         self._stopping = False
 
     def handle_sigterm(self, signum: int, frame: object) -> None:
         self._stopping = True
 
-    def ready_files(self) -> list[Path]:
-        now = time.time()
-        files = []
-        for path in sorted(self.directory.iterdir()):
-            if path.suffix not in (".py", ".toml") or not path.is_file():
+    # -- which files are ready ---------------------------------------------------------
+
+    def ready_files(self) -> list[tuple[Path, Signature]]:
+        """Files unchanged for settle_s and open for writing by nobody; symlinks are refused here."""
+        now = time.monotonic()
+        settled: list[tuple[Path, Signature, os.stat_result]] = []
+        names = set()
+        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
+            name = entry.name
+            if name.startswith(".") or not name.endswith(SUFFIXES):
+                continue
+            path = Path(entry.path)
+            if entry.is_symlink():
+                self.reject(path, "symlinks are refused; copy the file into pickup/ instead")
                 continue
             try:
-                if now - path.stat().st_mtime >= SETTLE_S:
-                    files.append(path)
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-        return files
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            names.add(name)
+            signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+            seen = self._seen.get(name)
+            if seen is None or seen[0] != signature:
+                self._seen[name] = (signature, now)
+                continue
+            if now - seen[1] >= self.settle_s:
+                settled.append((path, signature, st))
+        for name in set(self._seen) - names:
+            del self._seen[name]
+        if not settled:
+            return []
+        writing = open_for_writing()
+        ready = []
+        for path, signature, st in settled:
+            if writing is not None and (st.st_dev, st.st_ino) in writing:
+                self._seen[path.name] = (signature, now)  # a writer still holds it: settle again
+                continue
+            ready.append((path, signature))
+        # Modules first: a definitions file dropped beside the module whose services it
+        # names must find them deployed.
+        return sorted(ready, key=lambda item: (item[0].suffix != ".py", item[0].name))
 
-    def handle(self, path: Path) -> None:
+    # -- handling one file -------------------------------------------------------------
+
+    def handle(self, path: Path, signature: Signature) -> None:
         try:
-            outcome = self.deployer.deploy(path)
-            logger.info("pickup: %s", outcome)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            logger.warning("pickup: %s cannot be opened (%s); trying again", path.name, exc)
+            return
+        with os.fdopen(fd, "rb") as file:
+            data = file.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.reject(path, f"{path.name}: not UTF-8 text ({exc})")
+            return
+        try:
+            outcome = self.deployer.deploy_text(path.name, text)
         except (DeployError, ConfigError) as exc:
             logger.error("pickup: %s rejected: %s; the previous version keeps serving", path.name, exc)
+            self.reject(path, str(exc))
+            return
         except OdbUnavailable as exc:
             logger.warning("pickup: %s waits, the ODB is unavailable (%s)", path.name, exc)
             return  # keep the file; try again on the next pass
-        path.unlink(missing_ok=True)
+        logger.info("pickup: %s", outcome)
+        self._seen.pop(path.name, None)
+        try:
+            st = path.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != signature:
+            logger.warning("pickup: %s changed while it was deployed; it is deployed again", path.name)
+            return
+        self._move(path, DEPLOYED)
+        self._prune()
+
+    def reject(self, path: Path, reason: str) -> None:
+        """Move PATH to rejected/ with a .error file beside it; the operator's copy stays."""
+        self._seen.pop(path.name, None)
+        target = self._move(path, REJECTED)
+        if target is not None:
+            target.with_name(target.name + ".error").write_text(reason + "\n", encoding="utf-8")
+            logger.error("pickup: %s moved to %s: %s", path.name, target, reason)
+
+    def _move(self, path: Path, where: str) -> Path | None:
+        folder = self.directory / where
+        folder.mkdir(exist_ok=True)
+        target = folder / f"{_stamp()}-{path.name}"
+        try:
+            os.rename(path, target)  # a symlink moves as a link
+        except FileNotFoundError:
+            return None
+        return target
+
+    def _prune(self) -> None:
+        folder = self.directory / DEPLOYED
+        kept = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        for old in kept[: max(0, len(kept) - self.keep_deployed)]:
+            old.unlink(missing_ok=True)
 
     def run_forever(self) -> None:
-        logger.info("pickup: watching %s", self.directory)
+        logger.info("pickup: watching %s (settle %.1f s)", self.directory, self.settle_s)
         while not self._stopping:
-            for path in self.ready_files():
-                self.handle(path)
+            for path, signature in self.ready_files():
+                self.handle(path, signature)
             time.sleep(POLL_S)
         logger.info("pickup: stopped")
 
@@ -69,8 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     config = load_server_config(argv[0])
     setup_logging(config.log_dir / "server.log", level=config.logging.level, as_json=config.logging.json)
     config.pickup_dir.mkdir(exist_ok=True)
-    deployer = Deployer(OdbStore(config.odb_url), make_redis(config.redis_url), Keys(config.main.cluster))
-    watcher = PickupWatcher(config.pickup_dir, deployer)
+    # This process is a child of the launcher: its environment is the workers'.
+    deployer = Deployer.for_server(config, OdbStore(config.odb_url), make_redis(config.redis_url))
+    watcher = PickupWatcher(
+        config.pickup_dir,
+        deployer,
+        settle_s=config.pickup.settle_s,
+        keep_deployed=config.pickup.keep_deployed,
+    )
     signal.signal(signal.SIGTERM, watcher.handle_sigterm)
     signal.signal(signal.SIGINT, watcher.handle_sigterm)
     watcher.run_forever()

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from esb.bus import Keys, make_redis
 from esb.config import ServerConfig
-from esb.deploy import Deployer
+from esb.deploy import Deployer, record_server_environment
 from esb.errors import ConfigError, DeployError, EsbError
 from esb.launcher.children import (
     CRASH_LOOP_EXITS,
@@ -100,6 +100,8 @@ class Launcher:
         for directory in (config.run_dir, config.log_dir, config.pickup_dir, config.config_dir):
             directory.mkdir(parents=True, exist_ok=True)
         pid_file(config).write_text(str(os.getpid()))
+        # Deploys validate in the environment the workers will have: this one.
+        record_server_environment(config.run_dir)
         self.install_signals()
         try:
             self.start_all()

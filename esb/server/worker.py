@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import gevent
+import gevent.lock
 from gevent.timeout import Timeout
 from redis.client import Pipeline
 from redis.exceptions import RedisError
@@ -33,7 +34,16 @@ from esb.bus import (
 )
 from esb.bus.jobstate import record_run
 from esb.config import Definitions, ServerConfig, merge_units
-from esb.errors import BadInput, ConfigError, OdbUnavailable, ServiceFailed, ServiceNotFound, Unavailable
+from esb.deploy.generations import LoadingMarker, advance_last_good, claim_crashes
+from esb.errors import (
+    BadInput,
+    ConfigError,
+    DeployError,
+    OdbUnavailable,
+    ServiceFailed,
+    ServiceNotFound,
+    Unavailable,
+)
 from esb.observe import metrics
 from esb.observe.blocking import start_block_monitor
 from esb.observe.retry import Retrying
@@ -80,7 +90,12 @@ class WorkerRuntime:
             self.store, self.redis, self.keys, max_backlog=config.dispatch.max_backlog
         )
         self.definitions = Definitions(objects={}, unit_of={})
+        # The generation this worker applied, and why it could not apply a newer one.
         self.generation = -1
+        self.generation_error = ""
+        self._failed_generation: int | None = None
+        self._reload_lock = gevent.lock.Semaphore()
+        self.marker = LoadingMarker(config.run_dir, self.pid)
         self.started_at = utc_now_iso()
         app, self.sink = make_app(
             config, self.services, collect_status=self.status, render_metrics=self.render_metrics
@@ -114,6 +129,9 @@ class WorkerRuntime:
 
     def start(self) -> None:
         try:
+            # Workers that died importing a module left markers: count them, roll back a
+            # version that keeps killing workers, then load.
+            claim_crashes(self.config.run_dir, self.odb, host=self.host)
             self.reload()
         except (OdbUnavailable, RedisError) as exc:
             logger.error("worker %d could not load its state (%s); retrying in the background", self.pid, exc)
@@ -160,26 +178,80 @@ class WorkerRuntime:
     # -- state -------------------------------------------------------------------------
 
     def reload(self) -> None:
-        """Rebuild services, channels and security from the ODB if its generation moved."""
-        generation = self.odb.generation()
-        if generation == self.generation:
-            return
-        modules = self.odb.current(MODULE)
-        units = self.odb.current(UNIT)
-        self.store.rebuild([(m.name, m.version, m.content) for m in modules])
+        """Apply the ODB's generation if it moved; one that does not apply here leaves this
+        worker on what it had (at start: the last good generation) and says so."""
+        with self._reload_lock:
+            target = self.odb.generation()
+            if target in (self.generation, self._failed_generation):
+                return
+            try:
+                self._apply(target, strict=True)
+            except (ConfigError, DeployError) as exc:
+                self._failed_generation = target
+                self.generation_error = f"generation {target}: {exc}"
+                logger.error(
+                    "worker %d cannot apply generation %d (%s); %s",
+                    self.pid,
+                    target,
+                    exc,
+                    f"it keeps serving generation {self.generation}"
+                    if self.generation >= 0
+                    else "it starts from the last good generation",
+                )
+                if self.generation < 0:
+                    self._apply_fallback(target)
+                return
+            self._failed_generation = None
+            self.generation_error = ""
+
+    def _apply_fallback(self, target: int) -> None:
+        """At start, when the newest generation does not apply: the last good one, else
+        whatever of the newest loads (a server upgraded from before last good was kept)."""
+        good = self.odb.last_good()
+        if 0 < good < target:
+            try:
+                self._apply(good, strict=True)
+                return
+            except (ConfigError, DeployError) as exc:
+                logger.error(
+                    "worker %d cannot apply the last good generation %d either (%s)", self.pid, good, exc
+                )
+            self._apply(good, strict=False)
+        else:
+            self._apply(target, strict=False)
+
+    def _apply(self, generation: int, *, strict: bool) -> None:
+        """Build services, channels and security of GENERATION, then swap them in whole.
+
+        STRICT: any module or definition that fails raises and nothing is swapped.
+        """
+        modules = self.odb.current(MODULE, at=generation)
+        units = self.odb.current(UNIT, at=generation)
+        definitions = self.definitions
         try:
             # The ODB holds only units that passed every check on deploy, and a worker
             # builds no trigger: skipping that check keeps APScheduler out of workers.
             definitions = merge_units([(u.name, u.content) for u in units], check_triggers=False)
         except ConfigError as exc:
+            if strict:
+                raise
             logger.error(
-                "definitions of generation %d rejected here (%s); the previous ones keep serving",
-                generation,
-                exc,
+                "definitions of generation %d rejected here (%s); the previous ones serve", generation, exc
             )
-        else:
-            self.definitions = definitions
-            self.sink.table = compile_channels(definitions)
+        deployment_of = {m.name: m.deployment_id for m in modules}
+        try:
+            state = self.store.load(
+                [(m.name, m.version, m.content) for m in modules],
+                strict=strict,
+                before_import=lambda name, version: self.marker.loading(
+                    generation, deployment_of[name], name, version
+                ),
+            )
+        finally:
+            self.marker.clear()
+        self.store.install(state)
+        self.definitions = definitions
+        self.sink.table = compile_channels(definitions)
         self.generation = generation
         logger.info("worker %d now at generation %d", self.pid, generation)
 
@@ -200,6 +272,10 @@ class WorkerRuntime:
         while True:
             gevent.sleep(wait_s)
             wait_s = self._reload_logged()
+            try:
+                advance_last_good(self.odb, self.redis, self.keys, self.config.observe.stale_after_s)
+            except (OdbUnavailable, RedisError) as exc:
+                logger.debug("last good generation not checked (%s)", exc)
 
     def _reload_logged(self) -> float:
         """Reload; an ODB away is logged once per outage, and the worker keeps serving its
@@ -298,6 +374,7 @@ class WorkerRuntime:
             "server": str(self.config.directory),
             "started_at": self.started_at,
             "generation": str(self.generation),
+            "generation_error": self.generation_error,
             "inflight": str(len(self.consumer.inflight)),
         }
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import logging
+import os
 import sys
 import traceback
 import types
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from esb.errors import DeployError
 from esb.service.base import Service
@@ -20,6 +23,29 @@ def module_name_of(filename: str) -> str:
     if not base.endswith(".py") or not base[:-3].isidentifier():
         raise DeployError(filename, "a service module must be a .py file named like a Python module")
     return base[:-3]
+
+
+def check_module_name(name: str) -> None:
+    """Refuse a name that would shadow esb itself, the standard library or an installed package.
+
+    A deployed module is registered in ``sys.modules`` under its name, so ``esb.py`` or
+    ``redis.py`` would replace the real package for every later import in the worker.
+    Raises DeployError.
+    """
+    filename = f"{name}.py"
+    if name == "esb":
+        raise DeployError(filename, f"module name {name!r} is esb's own; rename the file")
+    if name in sys.builtin_module_names or name in sys.stdlib_module_names:
+        raise DeployError(filename, f"module name {name!r} is taken by the standard library; rename the file")
+    # Only installed locations: the current directory of whoever runs this is no package.
+    cwd = os.getcwd()
+    paths = [p for p in sys.path if p not in ("", ".", cwd)]
+    spec = importlib.machinery.PathFinder.find_spec(name, paths)
+    if spec is not None:
+        where = spec.origin or next(iter(spec.submodule_search_locations or []), "?")
+        raise DeployError(
+            filename, f"module name {name!r} is taken by an installed package ({where}); rename the file"
+        )
 
 
 def load_module(name: str, source: str, filename: str) -> types.ModuleType:
@@ -84,11 +110,19 @@ class LoadedModule:
     services: dict[str, type[Service]]
 
 
+@dataclass(frozen=True)
+class StoreState:
+    """Loaded modules and the services they define: what ``ServiceStore.install`` swaps in."""
+
+    modules: dict[str, LoadedModule] = field(default_factory=dict)
+    services: dict[str, type[Service]] = field(default_factory=dict)
+
+
 class ServiceStore:
     """Service classes by name, rebuilt from the ODB's modules and swapped whole.
 
-    A module version that fails to load here keeps its previous version serving; requests in
-    flight keep the class they started with.
+    ``load`` builds a new state without touching the live one, ``install`` swaps it in;
+    requests in flight keep the class they started with.
     """
 
     def __init__(self) -> None:
@@ -96,7 +130,27 @@ class ServiceStore:
         self.services: dict[str, type[Service]] = {}
 
     def rebuild(self, modules: list[tuple[str, int, str]]) -> None:
-        """Load every (name, version, source) not loaded yet; drop modules no longer listed."""
+        """Load leniently and install: a module that fails keeps its previous version."""
+        self.install(self.load(modules, strict=False))
+
+    def install(self, state: StoreState) -> None:
+        self._modules = dict(state.modules)
+        self.services = dict(state.services)
+
+    def load(
+        self,
+        modules: list[tuple[str, int, str]],
+        *,
+        strict: bool,
+        before_import: Callable[[str, int], None] | None = None,
+    ) -> StoreState:
+        """Load every (name, version, source) not loaded yet; drop modules no longer listed.
+
+        STRICT: the first module that fails to load, or a service name two modules define,
+        raises DeployError (the caller keeps what it has). Otherwise a failing module keeps
+        its previous version and a duplicate service is ignored, both logged.
+        BEFORE_IMPORT(name, version) is called just before a module's code runs.
+        """
         loaded: dict[str, LoadedModule] = {}
         for name, version, source in modules:
             current = self._modules.get(name)
@@ -105,6 +159,9 @@ class ServiceStore:
                 continue
             filename = f"{name}.py"
             try:
+                check_module_name(name)
+                if before_import is not None:
+                    before_import(name, version)
                 module = load_module(name, source, filename)
                 loaded[name] = LoadedModule(name, version, services_in(module))
                 logger.info(
@@ -114,6 +171,8 @@ class ServiceStore:
                     ", ".join(sorted(loaded[name].services)) or "no services",
                 )
             except DeployError as exc:
+                if strict:
+                    raise
                 if current is not None:
                     loaded[name] = current
                 logger.error(
@@ -127,6 +186,12 @@ class ServiceStore:
         for module in loaded.values():
             for service_name, cls in module.services.items():
                 if service_name in services:
+                    if strict:
+                        raise DeployError(
+                            f"{module.name}.py",
+                            f"service {service_name!r} is already defined by module "
+                            f"{services[service_name].__module__} ({services[service_name].__module__}.py)",
+                        )
                     logger.error(
                         "service %s of module %s ignored: already defined by %s",
                         service_name,
@@ -135,5 +200,4 @@ class ServiceStore:
                     )
                     continue
                 services[service_name] = cls
-        self._modules = loaded
-        self.services = services
+        return StoreState(loaded, services)

@@ -16,6 +16,7 @@ BASIC_USER = "alice"
 # Read by the worker through $ENV{...} in httptest.toml: proves the worker's environment is used.
 BASIC_PASSWORD = "pw-from-the-environment"
 API_KEY = "key-0123456789"
+MISSING_CHANNEL = '[[channel.http]]\nname = "t-missing"\npath = "/t/missing"\nservice = "t.not-deployed"\n'
 
 
 def answers_everywhere(server: Server, path: str, tries: int = 6) -> bool:
@@ -31,7 +32,11 @@ def deployed_server(esb_server: Any, odb_url: str | None, monkeypatch: pytest.Mo
                     **kwargs: Any) -> Server:
     """Start a server and hot-deploy httptest.py and httptest.toml with `esb deploy`."""
     monkeypatch.setenv("ESB_TEST_BASIC_PASSWORD", BASIC_PASSWORD)
-    server = esb_server(odb=odb_url, **kwargs)
+    server = esb_server(odb=odb_url, start=False, **kwargs)
+    # A deploy refuses a channel naming a service no module defines; config/ is applied at
+    # start without that check, which is how a channel answering 503 comes about.
+    (server.directory / "config" / "missing.toml").write_text(MISSING_CHANNEL)
+    server.start()
     for name in ("httptest.py", "httptest.toml"):
         done = server.deploy(DEPLOYABLES / name)
         assert done.returncode == 0, f"esb deploy {name}: {done.stdout}\n{done.stderr}"

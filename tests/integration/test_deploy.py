@@ -120,7 +120,8 @@ def test_pickup_deploys_modules_and_definitions(esb_server, tmp_path):
     (pickup / "versioned.py").write_text(VERSIONED.format(version=7))
     (pickup / "versioned.toml").write_text(CHANNEL)
     wait_until(lambda: version_of(server) == 7, message="pickup deploy serving")
-    assert not list(pickup.iterdir())
+    assert not [p for p in pickup.iterdir() if p.is_file()]
+    assert len(list((pickup / "deployed").iterdir())) == 2
 
 
 def test_definition_unit_replaces_exactly_its_objects(esb_server, tmp_path):
