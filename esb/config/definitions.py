@@ -102,8 +102,23 @@ class AmqpOutconnDef:
     exchange: str = ""
     routing_key: str = ""
     pool_size: int = 10
-    confirm_publish: bool = True
     acquire_timeout_s: float = 10.0
+    heartbeat_s: float = 30.0
+    confirms: bool = field(default=True, metadata={"old_name": "confirm_publish"})
+    confirm_timeout_s: float = 30.0
+    mandatory: bool = False
+    blocked_timeout_s: float = 30.0
+    # How long send() keeps retrying a broken or refused connection before AmqpUnreachable.
+    retry_budget_s: float = 10.0
+    # send_many: how many messages may be published and not yet confirmed at once.
+    window: int = 1000
+    # Default message properties; a send() may override each.
+    delivery_mode: int = 2
+    content_type: str | None = None
+    priority: int | None = None
+    expiration: str | None = None
+    headers: dict = field(default_factory=dict)
+    app_id: str | None = None
 
 
 # Kind as written in TOML ("channel.http") -> the Def class it builds.
@@ -324,6 +339,23 @@ def _check_positive(attr: str) -> Any:
     return check
 
 
+def _check_amqp_outconn(obj: AmqpOutconnDef, file: str, where: str) -> None:
+    _check_name(obj, file, where)
+    _need(
+        obj.url.startswith(("amqp://", "amqps://", "pyamqp://")),
+        file,
+        f"{where}.url",
+        "must be amqp:// or amqps://",
+    )
+    for attr in ("pool_size", "acquire_timeout_s", "confirm_timeout_s", "blocked_timeout_s", "window"):
+        _need(getattr(obj, attr) > 0, file, f"{where}.{attr}", "must be positive")
+    _need(obj.heartbeat_s >= 0, file, f"{where}.heartbeat_s", "must not be negative (0 turns heartbeats off)")
+    _need(obj.retry_budget_s >= 0, file, f"{where}.retry_budget_s", "must not be negative")
+    _need(obj.delivery_mode in (1, 2), file, f"{where}.delivery_mode", "must be 1 (transient) or 2 (durable)")
+    if obj.priority is not None:
+        _need(0 <= obj.priority <= 255, file, f"{where}.priority", "must be 0 to 255")
+
+
 _CHECKS = {
     HttpChannelDef: _check_channel,
     BasicAuthDef: _check_name,
@@ -331,7 +363,7 @@ _CHECKS = {
     JobDef: _check_job,
     SqlOutconnDef: _check_positive("pool_size"),
     SqlNotificationDef: _check_positive("interval_s"),
-    AmqpOutconnDef: _check_positive("pool_size"),
+    AmqpOutconnDef: _check_amqp_outconn,
 }
 
 

@@ -13,7 +13,17 @@ import re
 
 import falcon
 
-from esb.errors import BadInput, BusUnavailable, EsbError, ServiceFailed, ServiceNotFound
+from esb.errors import (
+    AmqpUnreachable,
+    BadInput,
+    BusUnavailable,
+    ConfirmTimeout,
+    EsbError,
+    PoolExhausted,
+    PublishersBlocked,
+    ServiceFailed,
+    ServiceNotFound,
+)
 from esb.observe import metrics
 from esb.observe.logs import bounded_traceback
 
@@ -69,6 +79,11 @@ def _serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falco
 STATUS_OF: dict[type[EsbError], int] = {
     ServiceNotFound: 404,
     BusUnavailable: 503,
+    # Outgoing connections: trying again later may succeed.
+    AmqpUnreachable: 503,
+    PoolExhausted: 503,
+    ConfirmTimeout: 503,
+    PublishersBlocked: 503,
 }
 
 
