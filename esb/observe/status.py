@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from esb.bus import Keys, parse_iso
 from esb.config import Definitions, JobDef, ServerConfig
+from esb.outgoing.amqp.status import amqp_outconn_status
 
 JOB_GRACE_S = 5.0
 
@@ -128,6 +129,7 @@ def collect_status(
     try:
         workers = _workers(client, keys, stale_after_s, now)
         scheduler = _scheduler(client, keys, definitions, stale_after_s, now)
+        outconns_amqp = amqp_outconn_status(client, keys, stale_after_s, now)
     except RedisError as exc:
         return {
             "healthy": False,
@@ -151,5 +153,5 @@ def collect_status(
         "workers": workers,
         "scheduler": scheduler,
         "notifications": [],
-        "outconns": {"amqp": [], "sql": []},
+        "outconns": {"amqp": outconns_amqp, "sql": []},
     }

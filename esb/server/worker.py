@@ -35,6 +35,7 @@ from esb.observe.blocking import start_block_monitor
 from esb.observe.outage import OutageNotice
 from esb.observe.status import collect_status
 from esb.odb import MODULE, UNIT, OdbStore
+from esb.outgoing import amqp as outgoing_amqp
 from esb.scheduler.records import job_finished
 from esb.server.consumer import DispatchConsumer, consumer_name
 from esb.server.http import compile_channels, make_app
@@ -139,6 +140,8 @@ class WorkerRuntime:
         gevent.killall(self._greenlets, block=True, timeout=2)
         self.flush_metrics()  # what was counted since the last flush, the stop's runs included
         self.heartbeat.stop()
+        for outconn in self.services.outgoing.amqp.values():
+            outconn.retire()
 
     # -- state -------------------------------------------------------------------------
 
@@ -161,6 +164,8 @@ class WorkerRuntime:
         else:
             self.definitions = definitions
             self.sink.table = compile_channels(definitions)
+            outgoing = self.services.outgoing
+            outgoing.amqp = outgoing_amqp.refresh(outgoing.amqp, definitions.of("outconn.amqp"))
         self.generation = generation
         logger.info("worker %d now at generation %d", self.pid, generation)
 
@@ -275,6 +280,7 @@ class WorkerRuntime:
             "started_at": self.started_at,
             "generation": str(self.generation),
             "inflight": str(len(self.consumer.inflight)),
+            **outgoing_amqp.heartbeat_field(self.services.outgoing.amqp),
         }
 
     def status(self) -> dict[str, Any]:

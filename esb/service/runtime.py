@@ -18,7 +18,7 @@ from greenlet import GreenletExit
 from munch import Munch
 
 from esb.bus import Keys, enqueue
-from esb.errors import BadInput, ServiceFailed, ServiceNotFound, is_client_error
+from esb.errors import BadInput, OutconnError, ServiceFailed, ServiceNotFound, is_client_error
 from esb.observe import metrics
 from esb.observe.context import running_calls
 from esb.observe.logs import bounded_traceback
@@ -63,7 +63,7 @@ class ServiceRuntime:
         service rejects its input with a 4xx; ServiceFailed for anything else the service
         raised (any BaseException but GreenletExit and gevent's Timeout, which pass
         through), after logging it once with the service's name, the cid and a bounded
-        traceback.
+        traceback; a retryable OutconnError (a broker away, a pool exhausted) as itself.
         """
         cls = self._service_class(name)
         try:
@@ -74,6 +74,13 @@ class ServiceRuntime:
             if is_client_error(exc.status_code):
                 raise
             raise self.failed(name, cid, exc) from None
+        except OutconnError as exc:
+            # A broker or pool that may work again later: the caller answers "try later"
+            # (503) with the outconn's own message, which holds no password.
+            if not exc.retryable:
+                raise self.failed(name, cid, exc) from None
+            logger.warning("service %s: %s", name, exc, extra={"cid": cid, "service": name})
+            raise
         except BaseException as exc:
             raise self.failed(name, cid, exc) from None
 

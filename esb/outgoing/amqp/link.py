@@ -8,6 +8,7 @@ decides how many answers to wait for: ``send`` waits for one, ``send_many`` keep
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -58,7 +59,14 @@ class Link:
         self.definition = definition
         self.blocked_since: float | None = None
         heartbeat = definition.heartbeat_s or None
-        self.conn = kombu.Connection(definition.url, heartbeat=heartbeat, connect_timeout=CONNECT_TIMEOUT_S)
+        # Named, so the broker's connection list says which outconn of which worker it is.
+        client = {"connection_name": f"esb outconn.amqp {definition.name} pid {os.getpid()}"}
+        self.conn = kombu.Connection(
+            definition.url,
+            heartbeat=heartbeat,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            transport_options={"client_properties": client},
+        )
         self.conn.connect()
         self.amqp: amqp.Connection = self.conn.connection
         self.amqp.on_blocked = self._on_blocked
