@@ -121,6 +121,26 @@ class AmqpOutconnDef:
     app_id: str | None = None
 
 
+@dataclass(frozen=True)
+class AmqpChannelDef:
+    name: str
+    queue: str
+    service: str
+    url: str | None = None
+    outconn: str | None = None  # or the url of this [[outconn.amqp]]
+    prefetch: int = 100
+    consumers_per_worker: int = 1
+    data_format: str = "json"
+    # A failing service's message comes back after retry_delay_s, at most max_deliveries
+    # times in all; then it goes to dead_letter_exchange with the error in a header.
+    max_deliveries: int = 5
+    retry_delay_s: float = 5.0
+    dead_letter_exchange: str | None = None
+    dead_letter_routing_key: str | None = None
+    # Declare the queue (durable) before consuming: "classic" or "quorum"; None declares nothing.
+    declare: str | None = None
+
+
 # Kind as written in TOML ("channel.http") -> the Def class it builds.
 KINDS: dict[str, type] = {
     "channel.http": HttpChannelDef,
@@ -130,6 +150,7 @@ KINDS: dict[str, type] = {
     "outconn.sql": SqlOutconnDef,
     "notification.sql": SqlNotificationDef,
     "outconn.amqp": AmqpOutconnDef,
+    "channel.amqp": AmqpChannelDef,
 }
 
 
@@ -356,6 +377,23 @@ def _check_amqp_outconn(obj: AmqpOutconnDef, file: str, where: str) -> None:
         _need(0 <= obj.priority <= 255, file, f"{where}.priority", "must be 0 to 255")
 
 
+def _check_amqp_channel(obj: AmqpChannelDef, file: str, where: str) -> None:
+    _check_name(obj, file, where)
+    _need((obj.url is None) != (obj.outconn is None), file, f"{where}.url", "give url or outconn, not both")
+    if obj.url is not None:
+        _need(
+            obj.url.startswith(("amqp://", "amqps://")), file, f"{where}.url", "must be amqp:// or amqps://"
+        )
+    _need(bool(obj.queue), file, f"{where}.queue", "must not be empty")
+    for attr in ("prefetch", "consumers_per_worker", "max_deliveries"):
+        _need(getattr(obj, attr) > 0, file, f"{where}.{attr}", "must be positive")
+    _need(obj.retry_delay_s >= 0, file, f"{where}.retry_delay_s", "must not be negative")
+    _need(
+        obj.data_format in ("json", "text", "raw"), file, f"{where}.data_format", "must be json, text or raw"
+    )
+    _need(obj.declare in (None, "classic", "quorum"), file, f"{where}.declare", "must be classic or quorum")
+
+
 _CHECKS = {
     HttpChannelDef: _check_channel,
     BasicAuthDef: _check_name,
@@ -364,6 +402,7 @@ _CHECKS = {
     SqlOutconnDef: _check_positive("pool_size"),
     SqlNotificationDef: _check_positive("interval_s"),
     AmqpOutconnDef: _check_amqp_outconn,
+    AmqpChannelDef: _check_amqp_channel,
 }
 
 
@@ -408,6 +447,12 @@ def _check_references(defs: Definitions) -> None:
                 f"path {channel.path} is already used by channel {paths[channel.path]}",
             )
         paths[channel.path] = channel.name
+    for channel in defs.of("channel.amqp").values():
+        if channel.outconn is not None and channel.outconn not in defs.of("outconn.amqp"):
+            unit = defs.unit_of[("channel.amqp", channel.name)]
+            raise ConfigError(
+                unit, f"channel.amqp.{channel.name}.outconn", f"no outconn.amqp named {channel.outconn!r}"
+            )
     for note in defs.of("notification.sql").values():
         if note.outconn not in defs.of("outconn.sql"):
             unit = defs.unit_of[("notification.sql", note.name)]

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from esb.bus import Keys, parse_iso
 from esb.config import Definitions, JobDef, ServerConfig
-from esb.outgoing.amqp.status import amqp_outconn_status
+from esb.outgoing.amqp.status import amqp_status
 
 JOB_GRACE_S = 5.0
 
@@ -129,7 +129,7 @@ def collect_status(
     try:
         workers = _workers(client, keys, stale_after_s, now)
         scheduler = _scheduler(client, keys, definitions, stale_after_s, now)
-        outconns_amqp = amqp_outconn_status(client, keys, stale_after_s, now)
+        amqp = amqp_status(client, keys, stale_after_s, now, definitions.of("channel.amqp"))
     except RedisError as exc:
         return {
             "healthy": False,
@@ -145,6 +145,7 @@ def collect_status(
     if not scheduler["active"]:
         problems.append("no scheduler is active")
     problems.extend(f"job {j['name']} is stale" for j in scheduler["jobs"] if j["stale"])
+    problems.extend(amqp["problems"])
     return {
         "healthy": not problems,
         "problems": problems,
@@ -153,5 +154,6 @@ def collect_status(
         "workers": workers,
         "scheduler": scheduler,
         "notifications": [],
-        "outconns": {"amqp": outconns_amqp, "sql": []},
+        "outconns": {"amqp": amqp["outconns"], "sql": []},
+        "channels": {"amqp": amqp["channels"]},
     }

@@ -36,6 +36,7 @@ from esb.observe.outage import OutageNotice
 from esb.observe.status import collect_status
 from esb.odb import MODULE, UNIT, OdbStore
 from esb.outgoing import amqp as outgoing_amqp
+from esb.outgoing.amqp.consumer import AmqpChannel, channels_field, refresh_channels
 from esb.scheduler.records import job_finished
 from esb.server.consumer import DispatchConsumer, consumer_name
 from esb.server.http import compile_channels, make_app
@@ -93,6 +94,7 @@ class WorkerRuntime:
             record=self.record_run,
         )
         self._greenlets: list[gevent.Greenlet] = []
+        self.amqp_channels: dict[str, AmqpChannel] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -136,7 +138,13 @@ class WorkerRuntime:
             logger.warning("worker %d opens its Redis connections on first use (%s)", self.pid, exc)
 
     def stop(self) -> None:
+        # AMQP channels finish the messages they hold while the dispatch consumer does the same.
+        channel_stops = [
+            gevent.spawn(channel.stop, self.config.main.graceful_timeout_s / 2)
+            for channel in self.amqp_channels.values()
+        ]
         self.consumer.stop(timeout_s=self.config.main.graceful_timeout_s / 2)
+        gevent.joinall(channel_stops, timeout=self.config.main.graceful_timeout_s / 2)
         gevent.killall(self._greenlets, block=True, timeout=2)
         self.flush_metrics()  # what was counted since the last flush, the stop's runs included
         self.heartbeat.stop()
@@ -166,6 +174,12 @@ class WorkerRuntime:
             self.sink.table = compile_channels(definitions)
             outgoing = self.services.outgoing
             outgoing.amqp = outgoing_amqp.refresh(outgoing.amqp, definitions.of("outconn.amqp"))
+            self.amqp_channels = refresh_channels(
+                self.amqp_channels,
+                definitions,
+                self.services,
+                stop_timeout_s=self.config.main.graceful_timeout_s / 2,
+            )
         self.generation = generation
         logger.info("worker %d now at generation %d", self.pid, generation)
 
@@ -281,6 +295,7 @@ class WorkerRuntime:
             "generation": str(self.generation),
             "inflight": str(len(self.consumer.inflight)),
             **outgoing_amqp.heartbeat_field(self.services.outgoing.amqp),
+            **channels_field(self.amqp_channels),
         }
 
     def status(self) -> dict[str, Any]:

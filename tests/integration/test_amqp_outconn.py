@@ -8,43 +8,18 @@ list tells its connections apart) and deletes it at teardown. Connections are cu
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
-import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import amqp
-import pytest
 
 from tests.helpers import Server, wait_until
+from tests.integration.amqp_support import AMQP_URL, close_connections, drain, queue_depth
 
 DEPLOYABLES = Path(__file__).parent / "deployables"
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
-
-
-@pytest.fixture
-def broker() -> Iterator[amqp.Channel]:
-    try:
-        conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest", connect_timeout=5)
-        conn.connect()
-    except Exception as exc:
-        pytest.fail(f"RabbitMQ at 127.0.0.1:5672 is not reachable: {exc}")
-    channel = conn.channel()
-    yield channel
-    conn.close()
-
-
-@pytest.fixture
-def queue(broker: amqp.Channel) -> Iterator[str]:
-    name = "esbt-" + uuid.uuid4().hex[:12]
-    broker.queue_declare(name, durable=True, auto_delete=False)
-    yield name
-    broker.queue_delete(name)
 
 
 def deploy(server: Server, tmp_path: Path, outconn: dict[str, Any]) -> None:
@@ -78,48 +53,25 @@ def deploy(server: Server, tmp_path: Path, outconn: dict[str, Any]) -> None:
     )
 
 
-def queue_depth(broker: amqp.Channel, queue: str) -> int:
-    return broker.queue_declare(queue, passive=True).message_count
-
-
-def drain(broker: amqp.Channel, queue: str) -> list[amqp.Message]:
-    """Every message in QUEUE now (nothing publishes any more), consumed and gone."""
-    expected = queue_depth(broker, queue)
-    got: list[amqp.Message] = []
-    broker.basic_qos(0, 1000, False)
-    tag = broker.basic_consume(queue, callback=got.append, no_ack=True)
-    deadline = time.monotonic() + 120
-    try:
-        while len(got) < expected:
-            assert time.monotonic() < deadline, f"{len(got)} of {expected} messages consumed"
-            try:
-                broker.connection.drain_events(timeout=1)
-            except TimeoutError:
-                pass
-    finally:
-        broker.basic_cancel(tag)
-    return got
-
-
 def bodies_of(messages: list[amqp.Message]) -> Counter:
     return Counter((b["batch"], b["i"]) for b in (json.loads(m.body) for m in messages))
 
 
 def test_send_sets_properties_message_id_and_cid_and_mandatory_unroutable_fails(
-    esb_server: Any, tmp_path: Path, broker: amqp.Channel, queue: str
+    esb_server: Any, tmp_path: Path, amqp_broker: amqp.Channel, amqp_queue: str
 ) -> None:
     server = esb_server(workers=1)
     deploy(server, tmp_path, {
-        "name": f"o-{queue}", "url": AMQP_URL, "routing_key": queue, "mandatory": True,
+        "name": f"o-{amqp_queue}", "url": AMQP_URL, "routing_key": amqp_queue, "mandatory": True,
         "app_id": "esb-test", "priority": 3, "headers": {"x-from": "conf"},
     })
-    response = server.post("/amqpt/send", {"outconn": f"o-{queue}", "body": {"k": 1},
+    response = server.post("/amqpt/send", {"outconn": f"o-{amqp_queue}", "body": {"k": 1},
                                            "headers": {"x-call": "yes"}},
                            headers={"X-ESB-CID": "cid-amqp-1"})
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["cid"] == "cid-amqp-1"
-    message = broker.basic_get(queue, no_ack=True)
+    message = amqp_broker.basic_get(amqp_queue, no_ack=True)
     assert message is not None
     assert json.loads(message.body) == {"k": 1}
     props = message.properties
@@ -131,26 +83,26 @@ def test_send_sets_properties_message_id_and_cid_and_mandatory_unroutable_fails(
     assert props["priority"] == 3
     assert props["application_headers"] == {"x-from": "conf", "x-call": "yes"}
 
-    unroutable = server.post("/amqpt/send", {"outconn": f"o-{queue}", "body": "lost",
-                                             "routing_key": "nowhere-" + queue}).json()
+    unroutable = server.post("/amqpt/send", {"outconn": f"o-{amqp_queue}", "body": "lost",
+                                             "routing_key": "nowhere-" + amqp_queue}).json()
     assert unroutable["error"] == "Unroutable", unroutable
-    assert queue_depth(broker, queue) == 0
+    assert queue_depth(amqp_broker, amqp_queue) == 0
     wait_until(lambda: {r["name"]: r for r in server.status()["outconns"]["amqp"]}
-               .get(f"o-{queue}", {}).get("returns") == 1, message="status shows the return")
-    row = {r["name"]: r for r in server.status()["outconns"]["amqp"]}[f"o-{queue}"]
+               .get(f"o-{amqp_queue}", {}).get("returns") == 1, message="status shows the return")
+    row = {r["name"]: r for r in server.status()["outconns"]["amqp"]}[f"o-{amqp_queue}"]
     assert row["sent"] == 2 and row["confirmed"] == 1 and row["reachable"] is True, row
     assert "guest:**@" in row["url"] and ":guest@" not in row["url"], row
 
 
 def test_pool_of_two_under_twenty_concurrent_requests(
-    esb_server: Any, tmp_path: Path, broker: amqp.Channel, queue: str
+    esb_server: Any, tmp_path: Path, amqp_broker: amqp.Channel, amqp_queue: str
 ) -> None:
     server = esb_server(workers=1)
-    deploy(server, tmp_path, {"name": f"o-{queue}", "url": AMQP_URL, "routing_key": queue,
+    deploy(server, tmp_path, {"name": f"o-{amqp_queue}", "url": AMQP_URL, "routing_key": amqp_queue,
                               "pool_size": 2, "acquire_timeout_s": 0.2})
 
     def request(batch: int) -> Any:
-        return server.post("/amqpt/send_many", {"outconn": f"o-{queue}", "batch": batch, "count": 3000})
+        return server.post("/amqpt/send_many", {"outconn": f"o-{amqp_queue}", "batch": batch, "count": 3000})
 
     with ThreadPoolExecutor(20) as pool:
         responses = list(pool.map(request, range(20)))  # each has its 30 s timeout: none hangs
@@ -162,7 +114,7 @@ def test_pool_of_two_under_twenty_concurrent_requests(
             assert "busy" in r.json()["error"], r.text
         else:
             assert r.json() == {"confirmed": 3000}, r.text
-    assert queue_depth(broker, queue) == 3000 * statuses[200]
+    assert queue_depth(amqp_broker, amqp_queue) == 3000 * statuses[200]
 
 
 def rss_kb(pid: int) -> int:
@@ -173,36 +125,27 @@ def rss_kb(pid: int) -> int:
 
 
 def test_send_many_in_batches_every_message_exactly_once(
-    esb_server: Any, tmp_path: Path, broker: amqp.Channel, queue: str
+    esb_server: Any, tmp_path: Path, amqp_broker: amqp.Channel, amqp_queue: str
 ) -> None:
     """20 batches of 1,000 (the issue's 100,000 takes too long on the shared test machine)."""
     server = esb_server(workers=1)
-    deploy(server, tmp_path, {"name": f"o-{queue}", "url": AMQP_URL, "routing_key": queue})
+    deploy(server, tmp_path, {"name": f"o-{amqp_queue}", "url": AMQP_URL, "routing_key": amqp_queue})
     worker = server.worker_pids()[0]
-    first = server.post("/amqpt/send_many", {"outconn": f"o-{queue}", "batch": 0, "count": 1000})
+    first = server.post("/amqpt/send_many", {"outconn": f"o-{amqp_queue}", "batch": 0, "count": 1000})
     assert first.json() == {"confirmed": 1000}, first.text
     rss_before = rss_kb(worker)
     for batch in range(1, 20):
-        response = server.post("/amqpt/send_many", {"outconn": f"o-{queue}", "batch": batch, "count": 1000})
+        response = server.post("/amqpt/send_many",
+                               {"outconn": f"o-{amqp_queue}", "batch": batch, "count": 1000})
         assert response.json() == {"confirmed": 1000}, response.text
     grown_mb = (rss_kb(worker) - rss_before) / 1024
-    seen = bodies_of(drain(broker, queue))
+    seen = bodies_of(drain(amqp_broker, amqp_queue))
     assert len(seen) == 20_000 and set(seen.values()) == {1}
     assert grown_mb < 30, grown_mb
 
 
-def our_connections(outconn: str) -> list[str]:
-    done = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-                          capture_output=True, text=True, timeout=60, check=True)
-    return [line.split("\t", 1)[0] for line in done.stdout.splitlines() if f"outconn.amqp {outconn} " in line]
-
-
 def cut(outconn: str) -> int:
-    pids = our_connections(outconn)
-    for pid in pids:
-        subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test cut"],
-                       capture_output=True, timeout=60)
-    return len(pids)
+    return close_connections(f"outconn.amqp {outconn} ")
 
 
 def more_than(answers: dict, count: int) -> Any:
@@ -210,13 +153,13 @@ def more_than(answers: dict, count: int) -> Any:
 
 
 def test_connections_cut_during_bulk_send(
-    esb_server: Any, tmp_path: Path, broker: amqp.Channel, queue: str
+    esb_server: Any, tmp_path: Path, amqp_broker: amqp.Channel, amqp_queue: str
 ) -> None:
     """What a service was told was confirmed is in the queue once; what it was told was not
     confirmed is there at most once; never-sent messages are absent; the pool recovers."""
-    outconn = f"o-{queue}"
+    outconn = f"o-{amqp_queue}"
     server = esb_server(workers=1)
-    deploy(server, tmp_path, {"name": outconn, "url": AMQP_URL, "routing_key": queue, "pool_size": 4,
+    deploy(server, tmp_path, {"name": outconn, "url": AMQP_URL, "routing_key": amqp_queue, "pool_size": 4,
                               "window": 200})
     answers: dict[int, dict] = {}
     done = threading.Event()
@@ -244,7 +187,7 @@ def test_connections_cut_during_bulk_send(
             thread.join(timeout=60)
     failed = {b: a for b, a in answers.items() if a.get("error")}
     assert failed, "no batch was cut: the test proved nothing"
-    seen = bodies_of(drain(broker, queue))
+    seen = bodies_of(drain(amqp_broker, amqp_queue))
     for batch, answer in answers.items():
         assert answer["status"] in (200, 503), answer
         if answer["status"] == 503:  # nothing published: the pool could not connect in time
@@ -261,4 +204,4 @@ def test_connections_cut_during_bulk_send(
                 assert seen[(batch, i)] == 1, (batch, i, answer)
     again = server.post("/amqpt/send_many", {"outconn": outconn, "batch": 10_000, "count": 100})
     assert again.json() == {"confirmed": 100}, again.text
-    assert queue_depth(broker, queue) == 100
+    assert queue_depth(amqp_broker, amqp_queue) == 100

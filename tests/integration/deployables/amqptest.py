@@ -45,3 +45,21 @@ class SendMany(Service):
             }
             return
         self.response.payload = {"confirmed": confirmed}
+
+
+class Record(Service):
+    """For AMQP channels: counts each message's "i" in the Redis hash amqpt:<queue>, and
+    raises for a message with "fail" (after counting it, so every delivery shows)."""
+
+    name = "amqpt.record"
+
+    def handle(self):
+        import gevent
+
+        body = self.request.payload
+        info = self.request.amqp
+        self.redis.hincrby(f"amqpt:{info.queue}", str(body["i"]), 1)
+        if body.get("sleep_s"):
+            gevent.sleep(body["sleep_s"])
+        if body.get("fail"):
+            raise RuntimeError(f"message {body['i']} always fails")
