@@ -166,6 +166,9 @@ class AmqpChannel:
             if d.dead_letter_exchange is not None:
                 arguments["x-dead-letter-exchange"] = d.dead_letter_exchange
             channel.queue_declare(d.queue, durable=True, auto_delete=False, arguments=arguments)
+        else:
+            # A queue that does not exist fails here, before the delay queue is made for it.
+            channel.queue_declare(d.queue, passive=True)
         # Expired messages of the delay queue go back to the channel's own queue.
         channel.queue_declare(
             delay_queue(d.queue),
