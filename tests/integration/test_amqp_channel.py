@@ -125,3 +125,21 @@ def test_status_fails_while_a_channel_has_no_consumer(
     assert not status["healthy"]
     row = {r["name"]: r for r in status["channels"]["amqp"]}[f"c-{amqp_queue}"]
     assert row["consumers_up"] == 0, row
+
+
+def test_graceful_stop_finishes_the_messages_it_holds(
+    esb_server: Any, tmp_path: Path, amqp_broker: amqp.Channel, amqp_queue: str, redis_client: redis.Redis
+) -> None:
+    """After `esb stop`, each message was either run and acknowledged, or is still in the
+    queue: none was run and left there to run again."""
+    server = esb_server(workers=1)
+    deploy_channel(server, tmp_path, {"name": f"c-{amqp_queue}", "queue": amqp_queue, "prefetch": 10})
+    wait_until(lambda: consumers(amqp_broker, amqp_queue) == 1, timeout_s=60, message="consumer up")
+    total = 60
+    publish(amqp_broker, amqp_queue, [{"i": i, "sleep_s": 0.3} for i in range(total)])
+    wait_until(lambda: len(counts(redis_client, amqp_queue)) >= 3, message="consuming")
+    server.stop()
+    seen = counts(redis_client, amqp_queue)
+    assert set(seen.values()) == {1}, seen
+    assert len(seen) + queue_depth(amqp_broker, amqp_queue) == total, (len(seen), total)
+    amqp_broker.queue_delete(amqp_queue + ".esb-delay")
