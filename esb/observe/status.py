@@ -138,6 +138,7 @@ def collect_status(
             "scheduler": None,
             "notifications": [],
             "outconns": {"amqp": [], "sql": []},
+            "channels": {"amqp": []},
         }
     problems = []
     if not any(w["alive"] for w in workers):
