@@ -16,7 +16,7 @@ from typing import Any
 import amqp
 import redis
 
-from tests.helpers import Server, wait_until
+from tests.helpers import Server, esb, wait_until
 from tests.integration.amqp_support import AMQP_URL, close_connections, drain, queue_depth
 
 DEPLOYABLES = Path(__file__).parent / "deployables"
@@ -125,6 +125,9 @@ def test_status_fails_while_a_channel_has_no_consumer(
     assert not status["healthy"]
     row = {r["name"]: r for r in status["channels"]["amqp"]}[f"c-{amqp_queue}"]
     assert row["consumers_up"] == 0, row
+    text = esb("status", str(server.directory))
+    assert text.returncode != 0, text.stdout
+    assert f"FAIL channel.amqp c-{amqp_queue}" in text.stdout, text.stdout
 
 
 def test_graceful_stop_finishes_the_messages_it_holds(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import amqp
+import pytest
 
 from tests.helpers import Server, wait_until
 from tests.integration.amqp_support import AMQP_URL, close_connections, drain, queue_depth
@@ -205,3 +206,26 @@ def test_connections_cut_during_bulk_send(
     again = server.post("/amqpt/send_many", {"outconn": outconn, "batch": 10_000, "count": 100})
     assert again.json() == {"confirmed": 100}, again.text
     assert queue_depth(amqp_broker, amqp_queue) == 100
+
+
+def test_redeploy_keeps_an_unchanged_pool_and_retires_a_changed_one(amqp_queue: str) -> None:
+    """In-process, against the real broker: what a worker does with its table on reload."""
+    from esb.config.definitions import AmqpOutconnDef
+    from esb.errors import OutconnError
+    from esb.outgoing.amqp import refresh
+
+    same = AmqpOutconnDef(name="same", url=AMQP_URL, routing_key=amqp_queue)
+    old = AmqpOutconnDef(name="changed", url=AMQP_URL, routing_key=amqp_queue)
+    table = refresh({}, {"same": same, "changed": old})
+    for outconn in table.values():
+        outconn.send({"before": True})
+    kept, retired = table["same"], table["changed"]
+    table = refresh(table, {"same": same, "changed": AmqpOutconnDef(name="changed", url=AMQP_URL,
+                                                                      routing_key=amqp_queue, pool_size=3)})
+    assert table["same"] is kept and kept.facts()["open"] == 1
+    assert table["changed"] is not retired and retired.facts()["open"] == 0
+    with pytest.raises(OutconnError):
+        retired.send({"after": True})
+    table["changed"].send({"after": True})
+    table = refresh(table, {})
+    assert table == {} and kept.facts()["open"] == 0
