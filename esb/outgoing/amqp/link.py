@@ -94,6 +94,7 @@ class Link:
 
     def _on_unblocked(self) -> None:
         self.blocked_since = None
+        self.last_progress = time.monotonic()  # the confirm timeout counts from here again
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
         # A return comes before the ack of the same message; the ack settles it as returned.
@@ -153,12 +154,21 @@ class Link:
             self.drain(min(left, 1.0))
 
     def wait_pending(self, at_most: int) -> None:
-        """Drain answers until at most AT_MOST messages are unconfirmed. Raises
-        NoConfirm when the broker confirms nothing for ``confirm_timeout_s``."""
+        """Drain answers until at most AT_MOST messages are unconfirmed. Raises NoConfirm
+        when the broker confirms nothing for ``confirm_timeout_s``, StillBlocked when it
+        blocks publishers for longer than ``blocked_timeout_s`` (a blocked broker does not
+        read what was sent, so its silence then is no confirm timeout)."""
+        d = self.definition
         while len(self.pending) > at_most:
-            left = self.last_progress + self.definition.confirm_timeout_s - time.monotonic()
-            if left <= 0:
-                raise NoConfirm()
+            now = time.monotonic()
+            if self.blocked_since is not None:
+                left = self.blocked_since + d.blocked_timeout_s - now
+                if left <= 0:
+                    raise StillBlocked()
+            else:
+                left = self.last_progress + d.confirm_timeout_s - now
+                if left <= 0:
+                    raise NoConfirm()
             self.drain(min(left, self._tick_s()))
 
     def drain(self, timeout_s: float) -> None:
