@@ -94,6 +94,14 @@ def test_send_sets_properties_message_id_and_cid_and_mandatory_unroutable_fails(
     assert row["sent"] == 2 and row["confirmed"] == 1 and row["reachable"] is True, row
     assert "guest:**@" in row["url"] and ":guest@" not in row["url"], row
 
+    def metric_line() -> str | None:
+        text = server.session.get(server.url("/metrics"), headers=server.admin_headers(), timeout=10).text
+        labels = f'kind="outconn.amqp",name="o-{amqp_queue}",outcome="returned"'
+        wanted = f"esb_amqp_messages_total{{{labels}}} 1.0"
+        return wanted if wanted in text else None
+
+    wait_until(metric_line, message="/metrics counts the returned message")
+
 
 def test_pool_of_two_under_twenty_concurrent_requests(
     esb_server: Any, tmp_path: Path, amqp_broker: amqp.Channel, amqp_queue: str

@@ -29,6 +29,7 @@ from gevent.queue import Empty, Queue
 
 from esb.config.definitions import AmqpChannelDef, AmqpOutconnDef
 from esb.errors import OutconnError
+from esb.observe import metrics
 from esb.observe.retry import Retrying, RetryPolicy
 from esb.outgoing.amqp.link import LINK_ERRORS, masked_url
 from esb.outgoing.amqp.pool import AmqpOutconn
@@ -216,6 +217,7 @@ class AmqpChannel:
             self.runtime.run(d.service, payload, cid=cid, amqp=info)
         except Exception as exc:
             self.stats.failed += 1
+            metrics.amqp_messages["channel.amqp", d.name, "failed"] += 1
             error = f"{type(exc).__name__}: {exc}"[:500]
             if not self._retry_or_dead_letter(message, headers, deliveries, error, cid):
                 # The broker would not take the delayed copy: after the delay here, the
@@ -225,6 +227,7 @@ class AmqpChannel:
                 return
         else:
             self.stats.handled += 1
+            metrics.amqp_messages["channel.amqp", d.name, "handled"] += 1
         acks.put((tag, False))
 
     def _retry_or_dead_letter(
@@ -255,6 +258,7 @@ class AmqpChannel:
                     **props,
                 )
                 self.stats.dead_lettered += 1
+                metrics.amqp_messages["channel.amqp", d.name, "dead_lettered"] += 1
                 logger.warning(
                     "channel.amqp %s: message %s dead-lettered after %d deliveries: %s",
                     d.name,

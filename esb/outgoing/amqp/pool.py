@@ -31,6 +31,7 @@ from esb.errors import (
     SendManyFailed,
     Unroutable,
 )
+from esb.observe import metrics
 from esb.observe.context import current_cid
 from esb.observe.retry import Retrying, RetryPolicy
 from esb.outgoing.amqp.link import (
@@ -73,6 +74,7 @@ class OutconnStats:
     """Counters of one outgoing connection, shown by ``esb status`` per worker."""
 
     __slots__ = (
+        "name",
         "sent",
         "confirmed",
         "nacks",
@@ -83,7 +85,8 @@ class OutconnStats:
         "reachable",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.sent = 0
         self.confirmed = 0
         self.nacks = 0
@@ -95,6 +98,7 @@ class OutconnStats:
 
     def error(self, reason: str) -> None:
         self.errors += 1
+        metrics.amqp_messages["outconn.amqp", self.name, "error"] += 1
         self.last_error = reason[:300]
         self.last_error_at = time.time()
 
@@ -118,7 +122,7 @@ class AmqpOutconn:
         self.definition = definition
         self.name = definition.name
         self.url = masked_url(definition.url)
-        self.stats = OutconnStats()
+        self.stats = OutconnStats(definition.name)
         self._slots = BoundedSemaphore(definition.pool_size)
         self._idle: list[Link] = []
         self._links: set[Link] = set()
@@ -410,6 +414,12 @@ class AmqpOutconn:
         """SETTLED, with this outconn's counters kept on the way."""
         stats = self.stats
 
+        keys = {
+            None: ("outconn.amqp", self.name, "confirmed"),
+            RETURNED: ("outconn.amqp", self.name, "returned"),
+        }
+        keys[NACKED] = ("outconn.amqp", self.name, "nacked")
+
         def counted(index: int, message_id: str, error: str | None) -> None:
             if error is None:
                 stats.confirmed += 1
@@ -417,6 +427,7 @@ class AmqpOutconn:
                 stats.returns += 1
             elif error == NACKED:
                 stats.nacks += 1
+            metrics.amqp_messages[keys[error]] += 1
             settled(index, message_id, error)
 
         return counted
