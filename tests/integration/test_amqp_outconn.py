@@ -237,3 +237,22 @@ def test_redeploy_keeps_an_unchanged_pool_and_retires_a_changed_one(amqp_queue: 
     table["changed"].send({"after": True})
     table = refresh(table, {})
     assert table == {} and kept.facts()["open"] == 0
+
+
+def test_a_connection_closed_by_the_broker_is_replaced_on_checkout(
+    amqp_broker: amqp.Channel, amqp_queue: str
+) -> None:
+    """In-process: the broker closes the pooled connection while it is idle; the next send
+    finds it dead when taking it out, opens another and is confirmed."""
+    from esb.config.definitions import AmqpOutconnDef
+    from esb.outgoing.amqp import AmqpOutconn
+
+    outconn = AmqpOutconn(AmqpOutconnDef(name=f"cut-{amqp_queue}", url=AMQP_URL, routing_key=amqp_queue))
+    try:
+        outconn.send({"n": 1})
+        assert close_connections(f"outconn.amqp cut-{amqp_queue} ") == 1
+        outconn.send({"n": 2})
+        assert queue_depth(amqp_broker, amqp_queue) == 2
+        assert outconn.facts()["open"] == 1
+    finally:
+        outconn.retire()
