@@ -93,3 +93,67 @@ class InvokeDepthError(EsbError, RecursionError):
         super().__init__(
             f"invoke of {service} nested deeper than {max_depth} levels; is a service invoking itself?"
         )
+
+
+class OutconnError(EsbError):
+    """An outgoing connection could not do what a service asked; names the connection.
+
+    The kinds where trying again later may succeed also derive from ``Unavailable`` (a 503
+    for an HTTP client); the others are the service's to handle, else a 500.
+    """
+
+    def __init__(self, outconn: str, reason: str):
+        self.outconn = outconn
+        self.reason = reason
+        super().__init__(f"outconn {outconn}: {reason}")
+
+
+class AmqpUnreachable(OutconnError, Unavailable):
+    """The broker did not accept a connection (or kept breaking it) within the retry budget."""
+
+
+class PoolExhausted(OutconnError, Unavailable):
+    """Every connection of the pool stayed checked out for ``acquire_timeout_s``."""
+
+
+class PublishNacked(OutconnError):
+    """The broker refused the message (basic.nack): it is not in any queue."""
+
+
+class ConfirmTimeout(OutconnError, Unavailable, TimeoutError):
+    """The broker did not confirm within ``confirm_timeout_s``: the message may or may not be in."""
+
+
+class Unroutable(OutconnError):
+    """A ``mandatory`` message matched no queue and the broker returned it."""
+
+
+class PublishersBlocked(OutconnError, Unavailable):
+    """The broker blocked publishers (memory or disk alarm) for longer than ``blocked_timeout_s``."""
+
+
+class SendManyFailed(OutconnError):
+    """``send_many`` stopped before every message was confirmed.
+
+    ``unconfirmed`` lists (index, message_id) of each message published but not confirmed
+    (nacked, returned, or unanswered when the connection broke: in the queue once or not at
+    all); ``unsent_from`` is the index of the first message never published (every later
+    one was not published either), or None. Resending exactly those is safe.
+    """
+
+    def __init__(
+        self,
+        outconn: str,
+        reason: str,
+        unconfirmed: list[tuple[int, str]],
+        unsent_from: int | None,
+        confirmed: int,
+    ):
+        self.unconfirmed = unconfirmed
+        self.unsent_from = unsent_from
+        self.confirmed = confirmed
+        super().__init__(
+            outconn,
+            f"{reason}; {confirmed} confirmed, {len(unconfirmed)} unconfirmed"
+            + ("" if unsent_from is None else f", none sent from index {unsent_from}"),
+        )

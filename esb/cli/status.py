@@ -54,6 +54,19 @@ def render_text(status: dict[str, Any]) -> str:
             f"{mark(not dispatch['dead_letters'])}dispatch: {dispatch['dead_letters']} dead letters, "
             f"{dispatch['worker_deaths_last_min']} worker deaths in the last minute"
         )
+    for pool in (status.get("outconns") or {}).get("amqp", []):
+        lines.append(
+            f"{mark(pool['reachable'] is not False and not pool['blocked'])}outconn.amqp {pool['name']} "
+            f"{pool['url']}: in use {pool['in_use']} of {pool['open']} open, sent {pool['sent']}, "
+            f"pending {pool['confirms_pending']}, nacks {pool['nacks']}, returns {pool['returns']}, "
+            f"errors {pool['errors']}" + (", BLOCKED" if pool["blocked"] else "")
+        )
+    for channel in (status.get("channels") or {}).get("amqp", []):
+        lines.append(
+            f"{mark(channel['consumers_up'] > 0)}channel.amqp {channel['name']} ({channel['queue']}): "
+            f"{channel['consumers_up']} consumers, handled {channel['handled']}, failed {channel['failed']}, "
+            f"dead-lettered {channel['dead_lettered']}"
+        )
     return "\n".join(lines)
 
 

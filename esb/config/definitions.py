@@ -103,8 +103,43 @@ class AmqpOutconnDef:
     exchange: str = ""
     routing_key: str = ""
     pool_size: int = 10
-    confirm_publish: bool = True
     acquire_timeout_s: float = 10.0
+    heartbeat_s: float = 30.0
+    confirms: bool = field(default=True, metadata={"old_name": "confirm_publish"})
+    confirm_timeout_s: float = 30.0
+    mandatory: bool = False
+    blocked_timeout_s: float = 30.0
+    # How long send() keeps retrying a broken or refused connection before AmqpUnreachable.
+    retry_budget_s: float = 10.0
+    # send_many: how many messages may be published and not yet confirmed at once.
+    window: int = 1000
+    # Default message properties; a send() may override each.
+    delivery_mode: int = 2
+    content_type: str | None = None
+    priority: int | None = None
+    expiration: str | None = None
+    headers: dict = field(default_factory=dict)
+    app_id: str | None = None
+
+
+@dataclass(frozen=True)
+class AmqpChannelDef:
+    name: str
+    queue: str
+    service: str
+    url: str | None = None
+    outconn: str | None = None  # or the url of this [[outconn.amqp]]
+    prefetch: int = 100
+    consumers_per_worker: int = 1
+    data_format: str = "json"
+    # A failing service's message comes back after retry_delay_s, at most max_deliveries
+    # times in all; then it goes to dead_letter_exchange with the error in a header.
+    max_deliveries: int = 5
+    retry_delay_s: float = 5.0
+    dead_letter_exchange: str | None = None
+    dead_letter_routing_key: str | None = None
+    # Declare the queue (durable) before consuming: "classic" or "quorum"; None declares nothing.
+    declare: str | None = None
 
 
 # Kind as written in TOML ("channel.http") -> the Def class it builds.
@@ -116,6 +151,7 @@ KINDS: dict[str, type] = {
     "outconn.sql": SqlOutconnDef,
     "notification.sql": SqlNotificationDef,
     "outconn.amqp": AmqpOutconnDef,
+    "channel.amqp": AmqpChannelDef,
 }
 
 
@@ -316,6 +352,40 @@ def _check_positive(attr: str) -> Any:
     return check
 
 
+def _check_amqp_outconn(obj: AmqpOutconnDef, file: str, where: str) -> None:
+    _check_name(obj, file, where)
+    _need(
+        obj.url.startswith(("amqp://", "amqps://", "pyamqp://")),
+        file,
+        f"{where}.url",
+        "must be amqp:// or amqps://",
+    )
+    for attr in ("pool_size", "acquire_timeout_s", "confirm_timeout_s", "blocked_timeout_s", "window"):
+        _need(getattr(obj, attr) > 0, file, f"{where}.{attr}", "must be positive")
+    _need(obj.heartbeat_s >= 0, file, f"{where}.heartbeat_s", "must not be negative (0 turns heartbeats off)")
+    _need(obj.retry_budget_s >= 0, file, f"{where}.retry_budget_s", "must not be negative")
+    _need(obj.delivery_mode in (1, 2), file, f"{where}.delivery_mode", "must be 1 (transient) or 2 (durable)")
+    if obj.priority is not None:
+        _need(0 <= obj.priority <= 255, file, f"{where}.priority", "must be 0 to 255")
+
+
+def _check_amqp_channel(obj: AmqpChannelDef, file: str, where: str) -> None:
+    _check_name(obj, file, where)
+    _need((obj.url is None) != (obj.outconn is None), file, f"{where}.url", "give url or outconn, not both")
+    if obj.url is not None:
+        _need(
+            obj.url.startswith(("amqp://", "amqps://")), file, f"{where}.url", "must be amqp:// or amqps://"
+        )
+    _need(bool(obj.queue), file, f"{where}.queue", "must not be empty")
+    for attr in ("prefetch", "consumers_per_worker", "max_deliveries"):
+        _need(getattr(obj, attr) > 0, file, f"{where}.{attr}", "must be positive")
+    _need(obj.retry_delay_s >= 0, file, f"{where}.retry_delay_s", "must not be negative")
+    _need(
+        obj.data_format in ("json", "text", "raw"), file, f"{where}.data_format", "must be json, text or raw"
+    )
+    _need(obj.declare in (None, "classic", "quorum"), file, f"{where}.declare", "must be classic or quorum")
+
+
 _CHECKS = {
     HttpChannelDef: _check_channel,
     BasicAuthDef: _check_name,
@@ -323,7 +393,8 @@ _CHECKS = {
     JobDef: _check_job,
     SqlOutconnDef: _check_positive("pool_size"),
     SqlNotificationDef: _check_positive("interval_s"),
-    AmqpOutconnDef: _check_positive("pool_size"),
+    AmqpOutconnDef: _check_amqp_outconn,
+    AmqpChannelDef: _check_amqp_channel,
 }
 
 
@@ -372,6 +443,12 @@ def _check_references(defs: Definitions) -> None:
                 f"path {channel.path} is already used by channel {paths[channel.path]}",
             )
         paths[channel.path] = channel.name
+    for channel in defs.of("channel.amqp").values():
+        if channel.outconn is not None and channel.outconn not in defs.of("outconn.amqp"):
+            unit = defs.unit_of[("channel.amqp", channel.name)]
+            raise ConfigError(
+                unit, f"channel.amqp.{channel.name}.outconn", f"no outconn.amqp named {channel.outconn!r}"
+            )
     for note in defs.of("notification.sql").values():
         if note.outconn not in defs.of("outconn.sql"):
             unit = defs.unit_of[("notification.sql", note.name)]

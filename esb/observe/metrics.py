@@ -57,6 +57,9 @@ request_seconds: dict[str, list[float]] = {}  # by channel; its counts are esb_h
 service_seconds: dict[str, list[float]] = {}  # by service
 http_errors: Counter[int] = Counter()  # by status code
 dispatch_runs: Counter[str] = Counter()  # "ok" / "error"
+# (kind, name, outcome): ("outconn.amqp", name, "confirmed" / "nacked" / "returned" / "error"),
+# ("channel.amqp", name, "handled" / "failed" / "dead_lettered")
+amqp_messages: Counter[tuple[str, str, str]] = Counter()
 dispatch_delay = new_tally(DELAY_BUCKETS)
 firing_delay = new_tally(DELAY_BUCKETS)
 
@@ -183,6 +186,12 @@ class Publisher:
             buckets=DELAY_BUCKETS,
             registry=None,
         )
+        self.amqp_messages = PromCounter(
+            "esb_amqp_messages",
+            "AMQP messages by outgoing connection or channel, and outcome.",
+            ["kind", "name", "outcome"],
+            registry=None,
+        )
         self.workers = Gauge(
             "esb_workers", "Workers of this server running.", multiprocess_mode="livesum", registry=None
         )
@@ -192,6 +201,10 @@ class Publisher:
         """Add what was counted since the last flush. Takes the counts before the first
         library call, so nothing counted meanwhile is lost or added twice."""
         requests, errors, runs, services, delays = _take_counts()
+        amqp = dict(amqp_messages)
+        amqp_messages.clear()
+        for labels, count in amqp.items():
+            self.amqp_messages.labels(*labels).inc(count)
         for channel, tally in requests.items():
             self.http_requests.labels(channel).inc(sum(tally[:-1]))
             _add(self.request_seconds.labels(channel), tally)

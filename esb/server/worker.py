@@ -48,6 +48,8 @@ from esb.observe import metrics
 from esb.observe.blocking import start_block_monitor
 from esb.observe.retry import Retrying
 from esb.odb import MODULE, UNIT, OdbStore
+from esb.outgoing import amqp as outgoing_amqp
+from esb.outgoing.amqp.consumer import AmqpChannel, channels_field, refresh_channels
 from esb.server.consumer import DispatchConsumer, consumer_name
 from esb.server.http import compile_channels, make_app
 from esb.service import JobInfo, ServiceRuntime, ServiceStore
@@ -124,6 +126,7 @@ class WorkerRuntime:
         )
         self._greenlets: list[gevent.Greenlet] = []
         self._odb_retrying = Retrying(logger, f"reload of worker {self.pid}", service="ODB")
+        self.amqp_channels: dict[str, AmqpChannel] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -170,10 +173,18 @@ class WorkerRuntime:
             logger.warning("worker %d opens its Redis connections on first use (%s)", self.pid, exc)
 
     def stop(self) -> None:
+        # AMQP channels finish the messages they hold while the dispatch consumer does the same.
+        channel_stops = [
+            gevent.spawn(channel.stop, self.config.main.graceful_timeout_s / 2)
+            for channel in self.amqp_channels.values()
+        ]
         self.consumer.stop(timeout_s=self.config.main.graceful_timeout_s / 2)
+        gevent.joinall(channel_stops, timeout=self.config.main.graceful_timeout_s / 2)
         gevent.killall(self._greenlets, block=True, timeout=2)
         self.flush_metrics()  # what was counted since the last flush, the stop's runs included
         self.heartbeat.stop()
+        for outconn in self.services.outgoing.amqp.values():
+            outconn.retire()
 
     # -- state -------------------------------------------------------------------------
 
@@ -252,6 +263,14 @@ class WorkerRuntime:
         self.store.install(state)
         self.definitions = definitions
         self.sink.table = compile_channels(definitions)
+        outgoing = self.services.outgoing
+        outgoing.amqp = outgoing_amqp.refresh(outgoing.amqp, definitions.of("outconn.amqp"))
+        self.amqp_channels = refresh_channels(
+            self.amqp_channels,
+            definitions,
+            self.services,
+            stop_timeout_s=self.config.main.graceful_timeout_s / 2,
+        )
         self.generation = generation
         logger.info("worker %d now at generation %d", self.pid, generation)
 
@@ -376,6 +395,8 @@ class WorkerRuntime:
             "generation": str(self.generation),
             "generation_error": self.generation_error,
             "inflight": str(len(self.consumer.inflight)),
+            **outgoing_amqp.heartbeat_field(self.services.outgoing.amqp),
+            **channels_field(self.amqp_channels),
         }
 
     def status(self) -> dict[str, Any]:

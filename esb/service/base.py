@@ -59,11 +59,26 @@ class JobInfo:
     scheduled_at: str
 
 
+@dataclass(frozen=True)
+class AmqpInfo:
+    """The facts of a message that came through an AMQP channel."""
+
+    channel: str
+    queue: str
+    properties: Mapping[str, Any]  # message_id, correlation_id, content_type, ...
+    headers: Mapping[str, Any]
+    exchange: str
+    routing_key: str
+    redelivered: bool
+    deliveries: int  # 1 the first time; counts esb's delayed redeliveries
+
+
 @dataclass
 class Request:
     payload: Any = field(default_factory=dict)
     http: HttpInfo | None = None
     job: JobInfo | None = None
+    amqp: AmqpInfo | None = None
 
 
 @dataclass

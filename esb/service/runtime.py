@@ -22,7 +22,7 @@ from esb.errors import BadInput, ServiceFailed, ServiceNotFound, Unavailable, is
 from esb.observe import metrics
 from esb.observe.context import running_calls
 from esb.observe.logs import bounded_traceback
-from esb.service.base import HttpInfo, JobInfo, Request, Response
+from esb.service.base import AmqpInfo, HttpInfo, JobInfo, Request, Response
 from esb.service.loader import ServiceStore
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class ServiceRuntime:
         cid: str,
         http: HttpInfo | None = None,
         job: JobInfo | None = None,
+        amqp: AmqpInfo | None = None,
     ) -> Response:
         """Run service NAME as the outermost call of a request or message.
 
@@ -71,7 +72,7 @@ class ServiceRuntime:
         """
         cls = self._service_class(name)
         try:
-            return self._handle(cls, name, payload, cid, http, job, max_depth=None)
+            return self._handle(cls, name, payload, cid, http, job, max_depth=None, amqp=amqp)
         except (*PASS_THROUGH, Unavailable):
             raise
         except BadInput as exc:
@@ -126,9 +127,12 @@ class ServiceRuntime:
         http: HttpInfo | None,
         job: JobInfo | None,
         max_depth: int | None,
+        amqp: AmqpInfo | None = None,
     ) -> Response:
         """One call of a service: tracked for the log and the loop monitor, and timed."""
-        service = cls(self, Request(payload={} if payload is None else payload, http=http, job=job), cid)
+        service = cls(
+            self, Request(payload={} if payload is None else payload, http=http, job=job, amqp=amqp), cid
+        )
         started = perf_counter()
         try:
             entered = running_calls.enter(name, cid, max_depth)

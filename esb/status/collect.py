@@ -18,6 +18,7 @@ from esb.bus.jobstate import JobFacts, read_job_facts
 from esb.config import Definitions, JobDef, ServerConfig
 from esb.observe import supervision
 from esb.observe.retry import unreachable
+from esb.outgoing.amqp.status import amqp_status
 
 JOB_GRACE_S = 5.0
 
@@ -171,6 +172,7 @@ def collect_status(
         workers = _workers(client, keys, stale_after_s, now)
         scheduler = _scheduler(client, keys, definitions, stale_after_s, now)
         dispatch = _dispatch(client, keys, now)
+        amqp = amqp_status(client, keys, stale_after_s, now, definitions.of("channel.amqp"))
     except RedisError as exc:
         return {
             "healthy": False,
@@ -182,6 +184,7 @@ def collect_status(
             "scheduler": None,
             "launcher": launcher,
             "dispatch": None,
+            "channels": {"amqp": []},
         }
     problems = []
     if not any(w["alive"] for w in workers):
@@ -191,6 +194,7 @@ def collect_status(
     problems.extend(f"job {j['name']} is stale" for j in scheduler["jobs"] if j["stale"])
     problems.extend(supervision.problems(launcher))
     problems.extend(_dispatch_problems(dispatch))
+    problems.extend(amqp["problems"])
     return {
         "healthy": not problems,
         "problems": problems,
@@ -200,4 +204,6 @@ def collect_status(
         "scheduler": scheduler,
         "launcher": launcher,
         "dispatch": dispatch,
+        "outconns": {"amqp": amqp["outconns"]},
+        "channels": {"amqp": amqp["channels"]},
     }

@@ -19,7 +19,8 @@ LAYERS: list[set[str]] = [
     {"config"},
     {"bus", "odb", "security"},
     {"service"},
-    {"deploy", "scheduler", "status"},
+    {"deploy", "outgoing", "scheduler"},
+    {"status"},
     {"server", "launcher"},
     {"cli"},
 ]

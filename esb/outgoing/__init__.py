@@ -1,0 +1,1 @@
+"""Outgoing connections: what services reach through ``self.out``."""

@@ -1,0 +1,345 @@
+"""``[[channel.amqp]]``: consumers that run a service for each message and lose none.
+
+Each consumer owns one connection and one channel (prefetch ``prefetch``). Messages run
+in greenlets; only the consumer greenlet touches its channel, so acks are handed back to
+it through a queue and written between reads (two greenlets never write one socket).
+
+A message is acknowledged after its service returned. A failing service's message is
+published again, confirmed, to a delay queue whose messages expire back into the channel's
+queue after ``retry_delay_s`` (no hot requeue loop), and only then acknowledged; after
+``max_deliveries`` it is published to the dead-letter exchange with the error in the
+``x-esb-error`` header instead. A broken connection is reopened with backoff for as long
+as the worker lives; a message whose ack died with its channel is delivered again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import amqp
+import gevent
+import kombu
+from gevent.pool import Pool
+from gevent.queue import Empty, Queue
+
+from esb.config.definitions import AmqpChannelDef, AmqpOutconnDef
+from esb.errors import OutconnError
+from esb.observe import metrics
+from esb.observe.retry import Retrying, RetryPolicy
+from esb.outgoing.amqp.link import LINK_ERRORS, masked_url
+from esb.outgoing.amqp.pool import AmqpOutconn
+from esb.service import AmqpInfo, ServiceRuntime
+
+logger = logging.getLogger(__name__)
+
+#: Reconnecting a consumer: soon at first, then every 5 s at most, for the worker's life.
+RECONSUME = RetryPolicy(interval_start_s=0.2, interval_step_s=1.0, interval_max_s=5.0)
+DELIVERIES_HEADER = "x-esb-deliveries"
+ERROR_HEADER = "x-esb-error"
+READ_S = 0.05  # how long a consumer reads before it writes the acks its messages made
+
+
+def delay_queue(queue: str) -> str:
+    return f"{queue}.esb-delay"
+
+
+class ChannelStats:
+    __slots__ = ("consumers_up", "handled", "failed", "dead_lettered", "last_message_at", "last_error")
+
+    def __init__(self) -> None:
+        self.consumers_up = 0
+        self.handled = 0
+        self.failed = 0
+        self.dead_lettered = 0
+        self.last_message_at: float | None = None
+        self.last_error: str | None = None
+
+
+class AmqpChannel:
+    """One ``[[channel.amqp]]`` in this worker: ``consumers_per_worker`` consumers."""
+
+    def __init__(self, definition: AmqpChannelDef, url: str, runtime: ServiceRuntime):
+        self.definition = definition
+        self.name = definition.name
+        self.url = url
+        self.runtime = runtime
+        self.stats = ChannelStats()
+        # Republishing for delays and dead letters: confirmed, through a pool of its own.
+        self.publisher = AmqpOutconn(
+            AmqpOutconnDef(name=f"channel.amqp {definition.name}", url=url, pool_size=2, heartbeat_s=30.0)
+        )
+        self._stopping = False
+        self._consumers: list[gevent.Greenlet] = []
+        self._runs = Pool(definition.prefetch * definition.consumers_per_worker)
+
+    def start(self) -> None:
+        self._consumers = [
+            gevent.spawn(self._consume_forever, number)
+            for number in range(self.definition.consumers_per_worker)
+        ]
+
+    def stop(self, timeout_s: float) -> None:
+        """Stop taking messages, finish the ones held (acknowledged), then close."""
+        self._stopping = True
+        gevent.joinall(self._consumers, timeout=timeout_s)
+        gevent.killall(self._consumers, block=True, timeout=1)
+        self.publisher.retire()
+
+    # -- the consumer loop ------------------------------------------------------------------
+
+    def _consume_forever(self, number: int) -> None:
+        retrying = Retrying(
+            logger, f"channel.amqp {self.name}: consumer {number} on {masked_url(self.url)}", RECONSUME
+        )
+        while not self._stopping:
+            try:
+                self._consume(number, retrying)
+            except Exception as exc:
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                if self._stopping:
+                    break
+                gevent.sleep(retrying.failed(exc))
+
+    def _consume(self, number: int, retrying: Retrying) -> None:
+        d = self.definition
+        conn = kombu.Connection(
+            self.url,
+            heartbeat=30,
+            connect_timeout=5,
+            transport_options={
+                "client_properties": {
+                    "connection_name": f"esb channel.amqp {d.name} pid {os.getpid()} #{number}"
+                }
+            },
+        )
+        conn.connect()
+        acks: Queue = Queue()
+        held: set[int] = set()
+        up = False
+        try:
+            channel = conn.channel()
+            self._declare(channel)
+            channel.basic_qos(0, d.prefetch, False)
+
+            def on_message(message: amqp.Message) -> None:
+                tag = message.delivery_info["delivery_tag"]
+                held.add(tag)
+                self._runs.spawn(self._run, message, acks)
+
+            consumer_tag = channel.basic_consume(d.queue, callback=on_message)
+            self.stats.consumers_up += 1
+            up = True
+            retrying.succeeded()
+            while not self._stopping:
+                try:
+                    conn.connection.drain_events(timeout=READ_S)
+                except TimeoutError:
+                    pass
+                conn.connection.heartbeat_tick()
+                self._write_acks(channel, acks, held)
+            # Graceful stop: no new messages; the held ones finish and are acknowledged.
+            channel.basic_cancel(consumer_tag)
+            deadline = time.monotonic() + 30
+            while held and time.monotonic() < deadline:
+                try:
+                    conn.connection.drain_events(timeout=READ_S)
+                except TimeoutError:
+                    pass
+                self._write_acks(channel, acks, held)
+        finally:
+            if up:
+                self.stats.consumers_up -= 1
+            try:
+                conn.release()
+            except Exception:
+                # The connection is already broken; its socket goes with it.
+                pass
+
+    def _declare(self, channel: amqp.Channel) -> None:
+        d = self.definition
+        if d.declare is not None:
+            arguments: dict[str, Any] = {"x-queue-type": d.declare}
+            if d.dead_letter_exchange is not None:
+                arguments["x-dead-letter-exchange"] = d.dead_letter_exchange
+            channel.queue_declare(d.queue, durable=True, auto_delete=False, arguments=arguments)
+        else:
+            # A queue that does not exist fails here, before the delay queue is made for it.
+            channel.queue_declare(d.queue, passive=True)
+        # Expired messages of the delay queue go back to the channel's own queue.
+        channel.queue_declare(
+            delay_queue(d.queue),
+            durable=True,
+            auto_delete=False,
+            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": d.queue},
+        )
+
+    def _write_acks(self, channel: amqp.Channel, acks: Queue, held: set[int]) -> None:
+        while True:
+            try:
+                tag, requeue = acks.get_nowait()
+            except Empty:
+                return
+            if requeue:
+                channel.basic_reject(tag, requeue=True)
+            else:
+                channel.basic_ack(tag)
+            held.discard(tag)
+
+    # -- one message ------------------------------------------------------------------------
+
+    def _run(self, message: amqp.Message, acks: Queue) -> None:
+        """Run the service; afterwards the message is acknowledged, or stays unacknowledged
+        (requeued after ``retry_delay_s``) when its delayed copy could not be published."""
+        d = self.definition
+        tag = message.delivery_info["delivery_tag"]
+        props = dict(message.properties)
+        headers = dict(props.pop("application_headers", None) or {})
+        deliveries = int(headers.get(DELIVERIES_HEADER, 0) or 0) + 1
+        cid = str(props.get("correlation_id") or os.urandom(16).hex())
+        self.stats.last_message_at = time.time()
+        info = AmqpInfo(
+            channel=d.name,
+            queue=d.queue,
+            properties=props,
+            headers=headers,
+            exchange=message.delivery_info.get("exchange", ""),
+            routing_key=message.delivery_info.get("routing_key", ""),
+            redelivered=bool(message.delivery_info.get("redelivered")),
+            deliveries=deliveries,
+        )
+        try:
+            payload = decode(message.body, d.data_format)
+            self.runtime.run(d.service, payload, cid=cid, amqp=info)
+        except Exception as exc:
+            self.stats.failed += 1
+            metrics.amqp_messages["channel.amqp", d.name, "failed"] += 1
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            if not self._retry_or_dead_letter(message, headers, deliveries, error, cid):
+                # The broker would not take the delayed copy: after the delay here, the
+                # message itself goes back to its queue (requeued, never in a hot loop).
+                gevent.sleep(d.retry_delay_s)
+                acks.put((tag, True))
+                return
+        else:
+            self.stats.handled += 1
+            metrics.amqp_messages["channel.amqp", d.name, "handled"] += 1
+        acks.put((tag, False))
+
+    def _retry_or_dead_letter(
+        self, message: amqp.Message, headers: Mapping[str, Any], deliveries: int, error: str, cid: str
+    ) -> bool:
+        d = self.definition
+        props = {k: v for k, v in message.properties.items() if k != "application_headers"}
+        props.pop("message_id", None)
+        message_id = message.properties.get("message_id") or os.urandom(16).hex()
+        try:
+            if deliveries >= d.max_deliveries:
+                if d.dead_letter_exchange is None:
+                    logger.error(
+                        "channel.amqp %s: message %s failed %d times (%s); no dead_letter_exchange, dropped",
+                        d.name,
+                        message_id,
+                        deliveries,
+                        error,
+                        extra={"cid": cid},
+                    )
+                    return True
+                self.publisher.send(
+                    message.body,
+                    exchange=d.dead_letter_exchange,
+                    routing_key=d.dead_letter_routing_key or d.queue,
+                    headers={**headers, DELIVERIES_HEADER: deliveries, ERROR_HEADER: error},
+                    message_id=message_id,
+                    **props,
+                )
+                self.stats.dead_lettered += 1
+                metrics.amqp_messages["channel.amqp", d.name, "dead_lettered"] += 1
+                logger.warning(
+                    "channel.amqp %s: message %s dead-lettered after %d deliveries: %s",
+                    d.name,
+                    message_id,
+                    deliveries,
+                    error,
+                    extra={"cid": cid},
+                )
+                return True
+            props["expiration"] = str(int(d.retry_delay_s * 1000))
+            self.publisher.send(
+                message.body,
+                exchange="",
+                routing_key=delay_queue(d.queue),
+                headers={**headers, DELIVERIES_HEADER: deliveries, ERROR_HEADER: error},
+                message_id=message_id,
+                **props,
+            )
+            return True
+        except (OutconnError, *LINK_ERRORS) as exc:
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            logger.error(
+                "channel.amqp %s: could not delay message %s (%s); left unacknowledged",
+                d.name,
+                message_id,
+                exc,
+            )
+            return False
+
+    def facts(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "name": self.name,
+            "queue": self.definition.queue,
+            "service": self.definition.service,
+            "consumers_wanted": self.definition.consumers_per_worker,
+            "consumers_up": s.consumers_up,
+            "handled": s.handled,
+            "failed": s.failed,
+            "dead_lettered": s.dead_lettered,
+            "last_message_at": s.last_message_at,
+            "last_error": s.last_error,
+        }
+
+
+def decode(body: bytes | str, data_format: str) -> Any:
+    raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+    if data_format == "raw":
+        return raw
+    text = raw.decode("utf-8")
+    return json.loads(text) if data_format == "json" else text
+
+
+#: The heartbeat field under which a worker publishes its AMQP channels' facts.
+CHANNELS_FIELD = "channels_amqp"
+
+
+def refresh_channels(
+    current: Mapping[str, AmqpChannel], definitions: Any, runtime: ServiceRuntime, *, stop_timeout_s: float
+) -> dict[str, AmqpChannel]:
+    """The running channels for DEFINITIONS: unchanged ones keep consuming; changed or
+    removed ones stop gracefully in the background while their replacements start."""
+    outconns = definitions.of("outconn.amqp")
+    table: dict[str, AmqpChannel] = {}
+    for name, definition in definitions.of("channel.amqp").items():
+        url = definition.url if definition.outconn is None else outconns[definition.outconn].url
+        old = current.get(name)
+        if old is not None and old.definition == definition and old.url == url:
+            table[name] = old
+            continue
+        table[name] = AmqpChannel(definition, url, runtime)
+        table[name].start()
+    for name, old in current.items():
+        if table.get(name) is not old:
+            logger.info("channel.amqp %s: definition replaced or removed; its consumers stop", name)
+            gevent.spawn(old.stop, stop_timeout_s)
+    return table
+
+
+def channels_field(table: Mapping[str, AmqpChannel]) -> dict[str, str]:
+    return {CHANNELS_FIELD: json.dumps([channel.facts() for channel in table.values()])}
+
+
+__all__ = ["CHANNELS_FIELD", "AmqpChannel", "channels_field", "decode", "delay_queue", "refresh_channels"]
