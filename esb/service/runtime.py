@@ -46,7 +46,7 @@ class ServiceRuntime:
         self.redis = client
         self.keys = keys
         self.max_backlog = max_backlog
-        self.outgoing = Munch(amqp={}, sql={})
+        self.outgoing = Munch(amqp={})
         # Set by gunicorn's worker_abort hook: the SystemExit it raises next, wherever the
         # signal lands, is the arbiter's, not a service's, and must end the worker.
         self.is_aborting = False
