@@ -90,7 +90,7 @@ def test_dispatched_service_raising_system_exit_or_keyboard_interrupt_is_a_faile
     assert serves(server)
     assert sorted(server.worker_pids()) == before
     assert runs(redis_client, key) == 3  # finished, so never redelivered
-    wait_until(lambda: server.log().count(f"service {service} failed on dispatched message") >= 3,
+    wait_until(lambda: server.log().count(f"service {service} failed with ") >= 3,
                message="each failed run logged")
     assert "Traceback" in server.log()
     assert redis_client.xlen(keys.dead_letters) == 0

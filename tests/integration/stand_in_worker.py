@@ -61,6 +61,7 @@ def main(argv: list[str]) -> int:
         settings=DispatchSection(),
         run=run,
         record=record,
+        redis_url=url,
     )
     stopping = Event()
     gevent.signal_handler(signal.SIGTERM, stopping.set)
