@@ -1,12 +1,14 @@
 """``python -m esb.deploy.apply DIR (--config | --file NAME)``: one deploy in a process of its own.
 
-The launcher runs it for the two deploys it owns: ``--config`` at start (create the ODB
-schema, store ``config/*.toml``), and ``--file NAME`` for each file the pickup watcher
-takes (the file's text on stdin). Why a process: the deploy stack (SQLAlchemy, redis-py,
-the definitions' checks) costs the launcher about 35 MB and 0.3 s of imports that it
-would then hold for the server's whole life, to use a few times; a process started when
-a deploy is due costs the same 0.3 s once and gives its memory back. It runs with the
-launcher's environment, which is the workers' (the one deploys are checked in).
+The launcher runs it for the deploys it owns: ``--file NAME`` for each file the pickup
+watcher takes (the file's text on stdin), and ``--config`` at a start that runs no
+arbiter (``--only scheduler``, ``--only pickup``: create the ODB schema, store
+``config/*.toml``; otherwise the arbiter does that, ``prepare_odb``). Why a process: the
+deploy stack (SQLAlchemy, redis-py, the definitions' checks) costs the launcher about 35
+MB and 0.3 s of imports that it would then hold for the server's whole life, to use a
+few times; a process started when a deploy is due costs the same 0.3 s once and gives
+its memory back. It runs with the launcher's environment, which is the workers' (the one
+deploys are checked in).
 
 It answers with JSON lines on stdout, one per outcome: ``{"outcome": "..."}`` for what
 was stored, ``{"rejected": "..."}`` for a change refused (exit 1), ``{"wait": "..."}``
@@ -21,10 +23,49 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from esb.config import ServerConfig
 
 OK = 0
 REJECTED = 1
 TEMPORARY = 75  # EX_TEMPFAIL: the ODB is unavailable, the same change may pass later
+PREPARED = "odb-prepared"
+
+
+def prepared_marker(run_dir: Path) -> Path:
+    """Written by the arbiter once it prepared the ODB (``prepare_odb``), before it forks
+    its workers; the launcher starts the scheduler after it, and removes it at each start."""
+    return run_dir / PREPARED
+
+
+def prepare_odb(config: ServerConfig) -> list[str]:
+    """Create the ODB schema and store ``config/*.toml`` (each unit unless unchanged); the
+    outcomes. Raises ConfigError or DeployError for invalid definitions, EsbError (among
+    them OdbUnavailable) when it cannot be done.
+
+    Run at each start, by the arbiter before it forks (it imports all this for its workers
+    anyway), or by an apply process when this launcher runs no server (``--only``).
+    """
+    from esb.bus import Keys, make_redis
+    from esb.deploy.deployer import Deployer
+    from esb.odb import OdbStore
+
+    odb = OdbStore(config.odb_url)
+    client = make_redis(config.redis_url, retries=1)
+    try:
+        odb.create_schema()
+        deployer = Deployer(odb, client, Keys(config.main.cluster))
+        outcomes = []
+        for path in sorted(config.config_dir.glob("*.toml")):
+            outcome = deployer.deploy_unit_text(path.name, path.read_text(encoding="utf-8"))
+            if outcome is not None:
+                outcomes.append(str(outcome))
+        return outcomes
+    finally:
+        odb.dispose()
+        client.close()
 
 
 @dataclass(frozen=True)
@@ -83,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``DIR --config`` or ``DIR --file NAME``; deploy; answer in JSON lines."""
     import argparse
 
-    from esb.bus import Keys, make_redis
+    from esb.bus import make_redis
     from esb.config import load_server_config
     from esb.deploy.deployer import Deployer
     from esb.errors import ConfigError, DeployError, EsbError, OdbUnavailable
@@ -100,17 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _say(error=str(exc))
         return REJECTED
-    odb = OdbStore(config.odb_url)
-    client = make_redis(config.redis_url, retries=1)
+    odb = client = None
     try:
         if args.config:
-            odb.create_schema()
-            deployer = Deployer(odb, client, Keys(config.main.cluster))
-            for path in sorted(config.config_dir.glob("*.toml")):
-                outcome = deployer.deploy_unit_text(path.name, path.read_text(encoding="utf-8"))
-                if outcome is not None:
-                    _say(outcome=str(outcome))
+            for outcome in prepare_odb(config):
+                _say(outcome=outcome)
         else:
+            odb = OdbStore(config.odb_url)
+            client = make_redis(config.redis_url, retries=1)
             deployer = Deployer.for_server(config, odb, client)
             _say(outcome=str(deployer.deploy_text(args.file, sys.stdin.read())))
     except (ConfigError, DeployError) as exc:
@@ -123,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         _say(error=str(exc))
         return REJECTED
     finally:
-        odb.dispose()
-        client.close()
+        if odb is not None:
+            odb.dispose()
+        if client is not None:
+            client.close()
     return OK
 
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from esb.config import ServerConfig
-from esb.deploy.apply import run_apply
+from esb.deploy.apply import prepared_marker, run_apply
 from esb.deploy.environment import record_server_environment
 from esb.deploy.pickup import PickupWatcher, deploy_in_process
 from esb.errors import EsbError
@@ -144,16 +144,16 @@ class Launcher:
             self.redis_child.start()
             self._record_children()
             self.wait_for_redis()
-        self.prepare_odb()
         if "server" in self.roles:
+            # The arbiter prepares the ODB itself before it forks (esb.server.application).
             metrics.empty_directory(config.run_dir)  # this start counts from zero
-            self.children.append(python_child("server", "esb.server", config, is_essential=True))
+            prepared_marker(config.run_dir).unlink(missing_ok=True)
+            self._start_child(python_child("server", "esb.server", config, is_essential=True))
+            self.wait_for_prepared(self.children[-1])
+        else:
+            self.prepare_odb()
         if "scheduler" in self.roles and config.scheduler.enabled:
-            self.children.append(python_child("scheduler", "esb.scheduler", config, own_log="scheduler.log"))
-        for child in self.children:
-            child.start()
-            logger.info("started %s (pid %d)", child.name, child.pid)
-        self._record_children()
+            self._start_child(python_child("scheduler", "esb.scheduler", config, own_log="scheduler.log"))
         if "pickup" in self.roles:
             self.start_pickup()
 
@@ -170,6 +170,29 @@ class Launcher:
             keep_deployed=config.pickup.keep_deployed,
         )
         self.pickup.start()
+
+    def _start_child(self, child: Child) -> None:
+        self.children.append(child)
+        child.start()
+        logger.info("started %s (pid %d)", child.name, child.pid)
+        self._record_children()
+
+    def wait_for_prepared(self, arbiter: Child, timeout_s: float = 120.0) -> None:
+        """Until the arbiter has prepared the ODB: the scheduler reads it from its start.
+        An arbiter that exits first could not; its output says why."""
+        marker = prepared_marker(self.config.run_dir)
+        deadline = time.monotonic() + timeout_s
+        attempts = 0
+        while not marker.exists():
+            if arbiter.poll() is not None:
+                said = "\n".join(arbiter.output_tail(5)) or f"see {arbiter.log_file} and server.log"
+                raise StartError(f"the server did not start: {said}")
+            if time.monotonic() > deadline:
+                raise StartError(
+                    f"the arbiter did not prepare the ODB within {timeout_s:.0f} s; see server.log"
+                )
+            attempts += 1
+            time.sleep(STARTUP_POLL.interval_s(attempts))
 
     def wait_for_redis(self, timeout_s: float = 15.0) -> None:
         """Until the embedded Redis answers PING on its socket (a raw RESP exchange: the
