@@ -5,10 +5,13 @@ gunicorn settings (gevent workers, same worker count and ``worker_connections``,
 keepalive 5, no access log), driven by the same load generator for the same time.
 Rounds alternate (bare, esb, bare, esb, ...) and the median of each side is reported,
 with their ratio, the latency percentiles (p50, p90, p99, max; with wrk only) and each
-worker's idle RSS. Usage:
+worker's idle RSS. Then, in the same run, the process tree of an idle 2-worker server
+with the embedded Redis (bench/tree.py): RSS and PSS of every process, the time from
+``esb start`` to the first 200 on /esb/ping and the time ``esb stop`` takes. Usage:
 
     python bench/run.py [--workers 1] [--seconds 8] [--rounds 3] [--connections 50]
                         [--redis redis://127.0.0.1:6379/0 | --redis embedded]
+                        [--tree-rounds 3 | --tree-only]
 
 The load generator is wrk when installed (``apt-get install wrk``), else bench/loadgen.py.
 On a machine with more CPUs than workers, the servers are pinned to the first CPUs and
@@ -36,6 +39,8 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from tree import run_tree  # bench/tree.py: this script's directory is on sys.path
 
 BENCH = Path(__file__).resolve().parent
 ESB = [sys.executable, "-m", "esb.cli"]
@@ -333,7 +338,14 @@ def main(argv: list[str] | None = None) -> int:
         default="redis://127.0.0.1:6379/0",
         help="Redis of the esb side; 'embedded' for the embedded one (also used when this one is down)",
     )
+    parser.add_argument("--tree-rounds", type=int, default=3,
+                        help="start/measure/stop rounds of the idle 2-worker server (0: none)")
+    parser.add_argument("--tree-only", action="store_true", help="measure only the process tree")
     args = parser.parse_args(argv)
+    if args.tree_only:
+        missed = run_tree(max(args.tree_rounds, 1))
+        print("targets: " + ("met" if not missed else "MISSED: " + "; ".join(missed)))
+        return 1 if missed else 0
 
     redis_url = None if args.redis == "embedded" or not redis_answers(args.redis) else args.redis
     server_cpus, load_cpus = split_cpus(args.workers)
@@ -439,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         missed.append(f"idle RSS {max(rss['esb']):.1f} MB >= {TARGET_RSS_MB:g} MB")
     if failures:
         missed.append(f"{failures} failed requests")
+    if args.tree_rounds > 0:
+        print()
+        missed += run_tree(args.tree_rounds)
     print("targets: " + ("met" if not missed else "MISSED: " + "; ".join(missed)))
     return 1 if missed else 0
 

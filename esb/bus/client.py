@@ -13,11 +13,11 @@ restart costs it a retry rather than an error.
 from __future__ import annotations
 
 import select
+import sys
 from importlib.metadata import version
 from urllib.parse import urlsplit
 
 import redis
-from gevent import monkey
 from redis import DriverInfo
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -29,8 +29,17 @@ from redis.retry import Retry
 # 64 times by a worker whose first burst of work fills its pool.
 _DRIVER_INFO = DriverInfo().add_upstream_driver("esb", version("esb"))
 
-# The operating system's poll, even in a gevent worker where select.poll is gevent's.
-_os_poll = monkey.get_original("select", "poll")
+
+
+def _original_poll():
+    """The operating system's poll, even in a gevent worker where select.poll is gevent's.
+    Without gevent.monkey loaded nothing is patched, and importing gevent only to ask
+    would cost the processes without gevent (scheduler, CLI) 5 MB each."""
+    monkey = sys.modules.get("gevent.monkey")
+    return select.poll if monkey is None else monkey.get_original("select", "poll")
+
+
+_os_poll = _original_poll()
 
 
 class _QuickReadinessCheck:

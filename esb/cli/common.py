@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
 from esb.config import ServerConfig, load_server_config
@@ -40,6 +38,8 @@ def admin_request(
     timeout_s: float = 30.0,
 ) -> tuple[int, bytes]:
     """Call the server's admin API with the admin credential; (status, body)."""
+    import urllib.error  # here: `esb start --fg`, the launcher, would hold urllib and ssl
+    import urllib.request
     token = base64.b64encode(f"{config.admin.username}:{config.admin.password}".encode()).decode()
     request = urllib.request.Request(
         base_url(config) + path,
@@ -55,6 +55,9 @@ def admin_request(
 
 
 def ping(config: ServerConfig, timeout_s: float = 2.0) -> bool:
+    import urllib.error  # here: see admin_request
+    import urllib.request
+
     try:
         with urllib.request.urlopen(base_url(config) + "/esb/ping", timeout=timeout_s) as response:
             return response.status == 200

@@ -1,43 +1,64 @@
 """The `esb` command: one module per subcommand, each parses, calls a subsystem, maps errors
-to exit codes (0 ok, 1 failure, 2 bad configuration or usage)."""
+to exit codes (0 ok, 1 failure, 2 bad configuration or usage).
+
+Only the module of the command being run is imported: ``esb start --fg`` is the launcher,
+which lives as long as the server, and must not hold the Redis, ODB and AMQP stacks that
+``esb status`` or ``esb deploy`` need (``tests/unit/test_launcher_imports.py``); every
+command also answers sooner.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from esb.cli import (
-    check_config,
-    dead_letters,
-    deploy,
-    invoke,
-    jobs,
-    quickstart,
-    start,
-    status,
-    stop,
-    undeploy,
-)
-from esb.config import render_example
-
-COMMANDS = (quickstart, start, stop, status, jobs, deploy, undeploy, invoke, check_config, dead_letters)
+# Name -> module, in the order `esb --help` lists them.
+COMMANDS = {
+    "quickstart": "esb.cli.quickstart",
+    "start": "esb.cli.start",
+    "stop": "esb.cli.stop",
+    "status": "esb.cli.status",
+    "jobs": "esb.cli.jobs",
+    "deploy": "esb.cli.deploy",
+    "undeploy": "esb.cli.undeploy",
+    "invoke": "esb.cli.invoke",
+    "check-config": "esb.cli.check_config",
+    "dead-letters": "esb.cli.dead_letters",
+}
 
 
 def _config_example(args: argparse.Namespace) -> int:
+    from esb.config import render_example
+
     sys.stdout.write(render_example())
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand ARGV names, if it names one of COMMANDS."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; for ARGV naming a command, only that command's module is imported
+    (the others get a bare entry, never parsed)."""
     parser = argparse.ArgumentParser(prog="esb", description="esb, the enterprise service bus")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for command in COMMANDS:
-        command.add_parser(subparsers)
+    chosen = _command_of(sys.argv[1:] if argv is None else argv)
+    for name, module in COMMANDS.items():
+        if chosen is None or name == chosen:
+            importlib.import_module(module).add_parser(subparsers)
+        else:
+            subparsers.add_parser(name)
     example = subparsers.add_parser("config-example", help="print server.conf.example")
     example.set_defaults(handler=_config_example)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     raise SystemExit(args.handler(args))

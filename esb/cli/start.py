@@ -12,6 +12,9 @@ from esb.launcher import ROLES, Launcher, StartError, running_launcher_pid
 from esb.observe import setup_logging
 
 START_TIMEOUT_S = 90
+# How often /esb/ping is asked while the server starts: each poll is a connection
+# refused or one small request, and a coarser poll added its half to every start.
+PING_POLL_S = 0.02
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         ):
             print(f"esb: started {config.directory} (pid {proc.pid})")
             return OK
-        time.sleep(0.2)
+        time.sleep(PING_POLL_S)
     print(
         f"esb: no answer from /esb/ping within {START_TIMEOUT_S} s; see {launcher_log} and server.log",
         file=sys.stderr,

@@ -1,4 +1,11 @@
-"""The pickup watcher: the one process per server that deploys files dropped into pickup/.
+"""The pickup watcher: the one thread per server that deploys files dropped into pickup/.
+
+It is a thread of the launcher (``esb start``), of the launcher that carries the
+``pickup`` role: there is one launcher per server directory (its pid file), so exactly
+one watcher per server. ``esb start --only server`` or ``--only scheduler`` runs none;
+``--only pickup`` runs the watcher alone. Each file is deployed by an
+``esb.deploy.apply`` process (``run_apply``), so the launcher never imports the deploy
+stack and stays small between deploys; the thread only scans the directory.
 
 A file is taken only when it has stayed unchanged (inode, size, mtime) for
 ``[pickup] settle_s`` and no process holds it open for writing (read from /proc on
@@ -20,17 +27,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import signal
-import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from esb.bus import make_redis
-from esb.config import load_server_config
-from esb.deploy.deployer import Deployer
-from esb.errors import ConfigError, DeployError, OdbUnavailable
-from esb.observe import setup_logging
-from esb.odb import OdbStore
+from esb.deploy.apply import ApplyResult, run_apply
 
 logger = logging.getLogger(__name__)
 
@@ -77,20 +79,52 @@ def _stamp() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
+Deploy = Callable[[str, str], ApplyResult]  # (file name, text) -> what the deploy answered
+
+
+def deploy_in_process(server_directory: Path) -> Deploy:
+    """The watcher's deploy: one ``esb.deploy.apply`` process per file, for that server."""
+
+    def deploy(filename: str, text: str) -> ApplyResult:
+        return run_apply(server_directory, ["--file", filename], stdin_text=text)
+
+    return deploy
+
+
 class PickupWatcher:
-    def __init__(
-        self, directory: Path, deployer: Deployer, *, settle_s: float = 3.0, keep_deployed: int = 20
-    ):
+    """Scans DIRECTORY every POLL_S; hands each settled file to DEPLOY, then moves it."""
+
+    def __init__(self, directory: Path, deploy: Deploy, *, settle_s: float = 3.0, keep_deployed: int = 20):
         self.directory = directory
-        self.deployer = deployer
+        self.deploy = deploy
         self.settle_s = settle_s
         self.keep_deployed = keep_deployed
         # name -> (signature, monotonic time it was first seen with that signature)
         self._seen: dict[str, tuple[Signature, float]] = {}
-        self._stopping = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def handle_sigterm(self, signum: int, frame: object) -> None:
-        self._stopping = True
+    # -- lifecycle: a thread of the launcher ------------------------------------------
+
+    def start(self) -> None:
+        """Watch in a daemon thread of this process."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self.run_forever, name="esb-pickup", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop after the file in hand, if any (its deploy is not cut short); wait for the
+        thread at most TIMEOUT_S (0: only ask)."""
+        self._stopping.set()
+        if self._thread is not None and timeout_s > 0:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                logger.warning("pickup: a deploy still runs after %.0f s; the launcher does not wait for it",
+                               timeout_s)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     # -- which files are ready ---------------------------------------------------------
 
@@ -151,16 +185,17 @@ class PickupWatcher:
         except UnicodeDecodeError as exc:
             self.reject(path, f"{path.name}: not UTF-8 text ({exc})")
             return
-        try:
-            outcome = self.deployer.deploy_text(path.name, text)
-        except (DeployError, ConfigError) as exc:
-            logger.error("pickup: %s rejected: %s; the previous version keeps serving", path.name, exc)
-            self.reject(path, str(exc))
+        result = self.deploy(path.name, text)
+        if result.is_rejected:
+            logger.error("pickup: %s rejected: %s; the previous version keeps serving",
+                         path.name, result.problem)
+            self.reject(path, str(result.problem))
             return
-        except OdbUnavailable as exc:
-            logger.warning("pickup: %s waits, the ODB is unavailable (%s)", path.name, exc)
-            return  # keep the file; try again on the next pass
-        logger.info("pickup: %s", outcome)
+        if result.code != 0:  # the ODB unavailable, or the deploy process failed: keep the file
+            logger.warning("pickup: %s waits (%s); trying again on the next pass", path.name, result.problem)
+            return
+        for outcome in result.outcomes:
+            logger.info("pickup: %s", outcome)
         self._seen.pop(path.name, None)
         try:
             st = path.stat(follow_symlinks=False)
@@ -198,30 +233,13 @@ class PickupWatcher:
 
     def run_forever(self) -> None:
         logger.info("pickup: watching %s (settle %.1f s)", self.directory, self.settle_s)
-        while not self._stopping:
-            for path, signature in self.ready_files():
-                self.handle(path, signature)
-            time.sleep(POLL_S)
+        while not self._stopping.is_set():
+            try:
+                for path, signature in self.ready_files():
+                    if self._stopping.is_set():
+                        break
+                    self.handle(path, signature)
+            except Exception:  # the thread must outlive one bad pass: it is the server's only watcher
+                logger.exception("pickup: a pass over %s failed; the watcher goes on", self.directory)
+            self._stopping.wait(POLL_S)
         logger.info("pickup: stopped")
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    config = load_server_config(argv[0])
-    setup_logging(config.log_dir / "server.log", level=config.logging.level, as_json=config.logging.json)
-    config.pickup_dir.mkdir(exist_ok=True)
-    # This process is a child of the launcher: its environment is the workers'.
-    deployer = Deployer.for_server(config, OdbStore(config.odb_url), make_redis(config.redis_url))
-    watcher = PickupWatcher(
-        config.pickup_dir,
-        deployer,
-        settle_s=config.pickup.settle_s,
-        keep_deployed=config.pickup.keep_deployed,
-    )
-    signal.signal(signal.SIGTERM, watcher.handle_sigterm)
-    signal.signal(signal.SIGINT, watcher.handle_sigterm)
-    watcher.run_forever()
-
-
-if __name__ == "__main__":
-    main()

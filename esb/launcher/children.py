@@ -16,6 +16,7 @@ import datetime as dt
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,13 +38,23 @@ OUTPUT_LINES = 20
 _OUTPUT_TAIL_BYTES = 16384
 
 
+def _find_prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux: `esb stop` still cleans up by the recorded pids
+
+
+# Looked up once, before any fork: the launcher has a thread (the pickup watcher), and
+# between fork and exec the child may only do what takes no lock another thread could
+# have held (loading a library does).
+_PRCTL = _find_prctl()
+
+
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM if the launcher dies, even by kill -9."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: `esb stop` still cleans up by the recorded pids
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def describe_exit(code: int) -> str:
@@ -246,6 +257,19 @@ def python_child(
         is_essential=is_essential,
         own_log=config.log_dir / own_log if own_log else None,
     )
+
+
+def redis_answers_ping(unix_socket: str, timeout_s: float = 1.0) -> bool:
+    """True when a Redis server answers PING on UNIX_SOCKET: one RESP exchange, so that
+    the launcher needs no Redis client library to wait for the embedded one."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout_s)
+            conn.connect(unix_socket)
+            conn.sendall(b"PING\r\n")
+            return conn.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 def pid_is_running(pid: int) -> bool:

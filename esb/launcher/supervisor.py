@@ -1,8 +1,13 @@
 """`esb start`: the launcher that runs and supervises every process of one server.
 
-It starts the embedded Redis (when configured), prepares the ODB, then runs the arbiter,
-the scheduler and the pickup watcher as children. Signal handlers only record the
-signal; the loop acts on it. A scheduler, pickup watcher or embedded Redis that dies is
+It starts the embedded Redis (when configured), prepares the ODB, then runs the arbiter
+and the scheduler as children and the pickup watcher as a thread of its own
+(``esb.deploy.pickup``). It imports neither the web stack (falcon, gunicorn, gevent) nor
+the scheduler's (APScheduler), nor the deploy stack (SQLAlchemy, redis-py): the ODB is
+prepared, and picked-up files deployed, by short-lived ``esb.deploy.apply`` processes,
+so the launcher stays a small process for the server's whole life
+(``tests/unit/test_launcher_imports.py``). Signal handlers only record the
+signal; the loop acts on it. A scheduler or embedded Redis that dies is
 started again with backoff (``esb.launcher.children``: within a second the first time, at
 the retry policy's ceiling once it keeps dying); the arbiter replaces its own workers, and
 its own death stops the server with the reason. What the launcher knows of its children
@@ -19,13 +24,11 @@ import socket
 import time
 from pathlib import Path
 
-import redis
-from redis.exceptions import RedisError
-
-from esb.bus import Keys, make_redis
 from esb.config import ServerConfig
-from esb.deploy import Deployer, record_server_environment
-from esb.errors import ConfigError, DeployError, EsbError
+from esb.deploy.apply import prepared_marker, run_apply
+from esb.deploy.environment import record_server_environment
+from esb.deploy.pickup import PickupWatcher, deploy_in_process
+from esb.errors import EsbError
 from esb.launcher.children import (
     CRASH_LOOP_EXITS,
     CRASH_LOOP_WINDOW_S,
@@ -33,16 +36,20 @@ from esb.launcher.children import (
     embedded_redis,
     pid_is_running,
     python_child,
+    redis_answers_ping,
 )
 from esb.observe import metrics, supervision
+from esb.observe.logs import file_handler
 from esb.observe.retry import CHILD_RESTART, RetryPolicy
-from esb.odb import OdbStore
 
 logger = logging.getLogger(__name__)
 
 LOOP_S = 0.2
-# A process just started, polled until it answers.
-STARTUP_POLL = RetryPolicy(interval_start_s=0.05, interval_step_s=0.05, interval_max_s=0.5)
+# A process just started, polled until it answers: the embedded Redis answers within
+# about 20 ms, and every poll saved is start time saved.
+STARTUP_POLL = RetryPolicy(interval_start_s=0.01, interval_step_s=0.01, interval_max_s=0.2)
+# How often a stopping child is looked at.
+STOP_POLL_S = 0.02
 # An arbiter that dies this soon after starting has a problem a restart will not fix.
 ARBITER_MIN_LIFE_S = 10.0
 GUNICORN_HALT_CODES = {3: "a worker failed to boot", 4: "the application failed to load"}
@@ -75,6 +82,7 @@ class Launcher:
         self.roles = roles
         self.children: list[Child] = []
         self.redis_child: Child | None = None
+        self.pickup: PickupWatcher | None = None
         self._signals: list[int] = []
         self._exit_code = 0
 
@@ -136,57 +144,81 @@ class Launcher:
             self.redis_child.start()
             self._record_children()
             self.wait_for_redis()
-        self.prepare_odb()
         if "server" in self.roles:
+            # The arbiter prepares the ODB itself before it forks (esb.server.application).
             metrics.empty_directory(config.run_dir)  # this start counts from zero
-            self.children.append(python_child("server", "esb.server", config, is_essential=True))
+            prepared_marker(config.run_dir).unlink(missing_ok=True)
+            self._start_child(python_child("server", "esb.server", config, is_essential=True))
+            self.wait_for_prepared(self.children[-1])
+        else:
+            self.prepare_odb()
         if "scheduler" in self.roles and config.scheduler.enabled:
-            self.children.append(python_child("scheduler", "esb.scheduler", config, own_log="scheduler.log"))
+            self._start_child(python_child("scheduler", "esb.scheduler", config, own_log="scheduler.log"))
         if "pickup" in self.roles:
-            self.children.append(python_child("pickup", "esb.deploy.pickup", config))
-        for child in self.children:
-            child.start()
-            logger.info("started %s (pid %d)", child.name, child.pid)
+            self.start_pickup()
+
+    def start_pickup(self) -> None:
+        """The server's one pickup watcher, a thread here; it logs to server.log, beside
+        the deploys workers apply."""
+        config = self.config
+        pickup_log = logging.getLogger("esb.deploy.pickup")
+        pickup_log.addHandler(file_handler(config.log_dir / "server.log", as_json=config.logging.json))
+        self.pickup = PickupWatcher(
+            config.pickup_dir,
+            deploy_in_process(config.directory),
+            settle_s=config.pickup.settle_s,
+            keep_deployed=config.pickup.keep_deployed,
+        )
+        self.pickup.start()
+
+    def _start_child(self, child: Child) -> None:
+        self.children.append(child)
+        child.start()
+        logger.info("started %s (pid %d)", child.name, child.pid)
         self._record_children()
 
+    def wait_for_prepared(self, arbiter: Child, timeout_s: float = 120.0) -> None:
+        """Until the arbiter has prepared the ODB: the scheduler reads it from its start.
+        An arbiter that exits first could not; its output says why."""
+        marker = prepared_marker(self.config.run_dir)
+        deadline = time.monotonic() + timeout_s
+        attempts = 0
+        while not marker.exists():
+            if arbiter.poll() is not None:
+                said = "\n".join(arbiter.output_tail(5)) or f"see {arbiter.log_file} and server.log"
+                raise StartError(f"the server did not start: {said}")
+            if time.monotonic() > deadline:
+                raise StartError(
+                    f"the arbiter did not prepare the ODB within {timeout_s:.0f} s; see server.log"
+                )
+            attempts += 1
+            time.sleep(STARTUP_POLL.interval_s(attempts))
+
     def wait_for_redis(self, timeout_s: float = 15.0) -> None:
-        client = redis.Redis(
-            unix_socket_path=str(self.config.embedded_redis_socket),
-            socket_timeout=1,
-            socket_connect_timeout=1,
-        )
+        """Until the embedded Redis answers PING on its socket (a raw RESP exchange: the
+        launcher does not import redis-py for one command)."""
+        path = str(self.config.embedded_redis_socket)
         deadline = time.monotonic() + timeout_s
         attempts = 0
         while time.monotonic() < deadline:
             if self.redis_child and self.redis_child.poll() is not None:
                 raise StartError(f"embedded Redis exited; see {self.redis_child.log_file}")
-            try:
-                client.ping()
-                client.close()
+            if redis_answers_ping(path):
                 return
-            except RedisError:
-                attempts += 1
-                time.sleep(STARTUP_POLL.interval_s(attempts))
+            attempts += 1
+            time.sleep(STARTUP_POLL.interval_s(attempts))
         raise StartError(f"embedded Redis did not answer within {timeout_s:.0f} s")
 
     def prepare_odb(self) -> None:
-        """Create the ODB schema and deploy config/*.toml, so workers find them there."""
-        odb = OdbStore(self.config.odb_url)
-        client = make_redis(self.config.redis_url, retries=1)
-        try:
-            odb.create_schema()
-            deployer = Deployer(odb, client, Keys(self.config.main.cluster))
-            for path in sorted(self.config.config_dir.glob("*.toml")):
-                outcome = deployer.deploy_unit_text(path.name, path.read_text(encoding="utf-8"))
-                if outcome is not None:
-                    logger.info("config: %s", outcome)
-        except (ConfigError, DeployError) as exc:
-            raise StartError(f"invalid object definitions: {exc}") from exc
-        except EsbError as exc:
-            raise StartError(str(exc)) from exc
-        finally:
-            odb.dispose()
-            client.close()
+        """Create the ODB schema and deploy config/*.toml, so workers find them there; in
+        an ``esb.deploy.apply`` process (why: that module's docstring)."""
+        result = run_apply(self.config.directory, ["--config"])
+        for outcome in result.outcomes:
+            logger.info("config: %s", outcome)
+        if result.is_rejected:
+            raise StartError(f"invalid object definitions: {result.problem}")
+        if result.code != 0:
+            raise StartError(str(result.problem))
 
     # -- supervise -------------------------------------------------------------------
 
@@ -290,22 +322,34 @@ class Launcher:
     # -- stop ------------------------------------------------------------------------
 
     def stop_all(self) -> None:
-        """Stop in reverse order of need: pickup and scheduler, then the arbiter (graceful),
-        then Redis, which the others use until they are gone."""
+        """Stop in reverse order of need: the pickup watcher, the scheduler and the arbiter
+        (graceful) at once, then Redis, which the others use until they are gone.
+
+        The scheduler and the arbiter do not wait for each other: a firing the scheduler
+        put on the stream stays there for the next start, and stopping them one after the
+        other only added the scheduler's stop to every `esb stop`."""
+        if self.pickup is not None:
+            self.pickup.stop(timeout_s=0)  # asks; joined below
         grace_s = self.config.main.graceful_timeout_s + 5
-        self._stop_group([c for c in self.children if c.name != "server"], 10)
-        self._stop_group([c for c in self.children if c.name == "server"], grace_s)
+        self._stop_group(self.children, {"server": grace_s}, default_timeout_s=10)
         if self.redis_child:
-            self._stop_group([self.redis_child], 10)
+            self._stop_group([self.redis_child], {}, default_timeout_s=10)
+        if self.pickup is not None:
+            self.pickup.stop()
         logger.info("all processes of %s stopped", socket.gethostname())
 
-    def _stop_group(self, children: list[Child], timeout_s: float) -> None:
+    def _stop_group(
+        self, children: list[Child], timeouts_s: dict[str, float], *, default_timeout_s: float
+    ) -> None:
+        """SIGTERM to each of CHILDREN, then wait for each up to its timeout (by name)."""
         for child in children:
             child.signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
         for child in children:
+            timeout_s = timeouts_s.get(child.name, default_timeout_s)
+            deadline = started + timeout_s
             while child.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
+                time.sleep(STOP_POLL_S)
             if child.poll() is None:
                 logger.warning(
                     "%s (pid %d) ignored SIGTERM for %.0f s; killing it", child.name, child.pid, timeout_s

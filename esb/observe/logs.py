@@ -40,6 +40,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def file_handler(log_file: Path, *, as_json: bool = False) -> logging.Handler:
+    """A handler appending esb's log lines to LOG_FILE, for a logger of one part of a
+    process that logs elsewhere (the launcher's pickup thread writes to server.log)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(JsonFormatter() if as_json else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(ContextFilter())
+    return handler
+
+
 def setup_logging(log_file: Path | None, *, level: str = "INFO", as_json: bool = False) -> None:
     """Send the ``esb`` loggers (and gunicorn's) to LOG_FILE, or stderr when None."""
     if log_file is not None:

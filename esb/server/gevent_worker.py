@@ -25,10 +25,13 @@ import resource
 import socket
 from typing import Any
 
+import gevent
 from gevent import get_hub, getcurrent
+from gevent.event import Event
 from gevent.monkey import get_original
 from greenlet import GreenletExit
 from gunicorn.http import errors as parser_errors
+from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
 from esb.observe.logs import bounded_traceback
@@ -55,6 +58,8 @@ STATUS_OF: dict[type[BaseException], int] = {
 }
 # File descriptors a worker keeps for itself beyond its connections (logs, Redis, ODB).
 SPARE_FDS = 256
+# Once told to stop, how often the worker looks whether its last requests have finished.
+STOP_POLL_S = 0.02
 
 
 def status_of(exc: BaseException) -> int:
@@ -138,6 +143,32 @@ def close_now(client: Any) -> None:
         pass  # already closed by either side
 
 
+class _WakeableGevent:
+    """Stands for the gevent module in gunicorn's ``ggevent`` in a worker, where only its
+    ``sleep`` differs: one that a stop request cuts short.
+
+    Why: ``GeventWorker.run`` looks at ``self.alive`` once a second (``gevent.sleep(1.0)``)
+    and, once stopping, at its open connections once a second again, so a SIGTERM cost a
+    worker 0.5 to 2 s of doing nothing before it exited, the larger part of `esb stop`.
+    Here the first wait ends when the stop is asked, and the second is a poll every
+    STOP_POLL_S; requests in flight still finish within the graceful timeout, as before.
+    """
+
+    def __init__(self, stop_asked: Event):
+        self._stop_asked = stop_asked
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(gevent, name)
+
+    def sleep(self, seconds: float = 0, ref: bool = True) -> None:
+        if seconds <= 0:
+            gevent.sleep(seconds, ref)
+        elif not self._stop_asked.is_set():
+            self._stop_asked.wait(seconds)
+        else:
+            gevent.sleep(min(seconds, STOP_POLL_S), ref)
+
+
 class EsbGeventWorker(GeventWorker):
     """gunicorn's gevent worker with esb's error answers, enough file descriptors, a turn
     for every connection, and idle connections closed at once on stop."""
@@ -146,7 +177,15 @@ class EsbGeventWorker(GeventWorker):
         raise_fd_limit(self.worker_connections + SPARE_FDS)
         # Connections waiting for their next request (or their first): closed on stop.
         self.idle_clients: set[Any] = set()
+        self.stop_asked: Event | None = None  # made in run(), on the hub init_process makes
         super().init_process()
+
+    def run(self) -> None:
+        self.stop_asked = Event()
+        if not self.alive:
+            self.stop_asked.set()  # told to stop while it booted
+        ggevent.gevent = _WakeableGevent(self.stop_asked)  # this process runs one worker: this one
+        super().run()
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         self.idle_clients.add(client)
@@ -186,6 +225,8 @@ class EsbGeventWorker(GeventWorker):
         super().handle_exit(sig, frame)
         for client in list(self.idle_clients):
             close_now(client)
+        if self.stop_asked is not None:
+            self.stop_asked.set()  # no switch: it schedules the waiter's wake-up on the hub
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         """Answer what gunicorn could not hand to the app, in JSON with a cid, logged once."""

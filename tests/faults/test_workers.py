@@ -188,7 +188,7 @@ def test_stopped_worker_past_timeout_is_replaced(esb_server, tmp_path):
 def test_stop_leaves_no_process(esb_server):
     server = esb_server(embedded_redis=True)
     pids = server.all_pids()
-    # launcher, arbiter, 2 workers, pickup, scheduler, embedded redis
+    # launcher (with the pickup thread), arbiter, 2 workers, scheduler, embedded redis
     assert len(pids) >= 6, pids
     server.stop()
     assert [pid for pid in pids if pid_alive(pid)] == []

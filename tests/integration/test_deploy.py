@@ -120,7 +120,9 @@ def test_pickup_deploys_modules_and_definitions(esb_server, tmp_path):
     (pickup / "versioned.py").write_text(VERSIONED.format(version=7))
     (pickup / "versioned.toml").write_text(CHANNEL)
     wait_until(lambda: version_of(server) == 7, message="pickup deploy serving")
-    assert not [p for p in pickup.iterdir() if p.is_file()]
+    # A file moves to deployed/ once its deploy process has answered, which may be just
+    # after the workers applied what it stored.
+    wait_until(lambda: not [p for p in pickup.iterdir() if p.is_file()], message="pickup/ emptied")
     assert len(list((pickup / "deployed").iterdir())) == 2
 
 
