@@ -5,8 +5,10 @@ may run against one Redis, and the lease lets exactly one of them dispatch.
 
 Semantics of a ``[[scheduler.job]]``, per job:
 
-- interval: the first run is one interval after the job is defined (or at ``start_date``);
-  the times stay on that grid through restarts, failovers and Redis outages.
+- interval: the first run is one interval after the job is defined (or at ``start_date``),
+  plus a fixed phase under a second from the job's name, so that the jobs of one deploy
+  do not fall due in the same millisecond; the times stay on that grid through restarts,
+  failovers and Redis outages.
 - cron: a five-field crontab expression read in ``timezone`` (0 or 7 is Sunday).
 - one_time: once at ``start_date``. ``repeats = N``: the job is done after N dispatches.
 - misfires: firings that fell due while nothing could dispatch them are, within
