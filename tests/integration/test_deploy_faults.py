@@ -23,24 +23,7 @@ from esb.deploy.generations import read_deploy_facts
 from esb.odb import MODULE, UNIT, OdbStore
 from tests.conftest import REDIS_URL
 from tests.helpers import ESB, esb, wait_until
-
-VERSIONED = '''
-from esb import Service
-
-
-class Version(Service):
-    name = "t.version"
-
-    def handle(self):
-        self.response.payload = {{"version": {version}}}
-'''
-
-CHANNEL = '''
-[[channel.http]]
-name = "t-version"
-path = "/t/version"
-service = "t.version"
-'''
+from tests.integration.test_deploy import CHANNEL, VERSIONED
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

@@ -178,6 +178,21 @@ class AmqpOutconn:
         self._start_heartbeats()
         return link
 
+    def _failed_within_budget(
+        self, exc: BaseException, retrying: Retrying, deadline: float, what: str
+    ) -> float:
+        """Count EXC against this outconn and answer how long to wait before trying again;
+        raises AmqpUnreachable when that wait would pass DEADLINE (the retry budget)."""
+        self.stats.reachable = False
+        self.stats.error(f"{type(exc).__name__}: {exc}")
+        delay_s = retrying.failed(exc)
+        if time.monotonic() + delay_s >= deadline:
+            raise AmqpUnreachable(
+                self.name,
+                f"{self.url}: {what} for {self.definition.retry_budget_s:g} s: {type(exc).__name__}: {exc}",
+            ) from exc
+        return delay_s
+
     def _connect(self) -> Link:
         """A new connection, retried with backoff for ``retry_budget_s``."""
         retrying = Retrying(logger, f"outconn.amqp {self.name}: connecting to {self.url}", RECONNECT)
@@ -186,16 +201,7 @@ class AmqpOutconn:
             try:
                 link = Link(self.definition)
             except Exception as exc:
-                self.stats.reachable = False
-                self.stats.error(f"{type(exc).__name__}: {exc}")
-                delay_s = retrying.failed(exc)
-                if time.monotonic() + delay_s >= deadline:
-                    raise AmqpUnreachable(
-                        self.name,
-                        f"{self.url} unreachable for {self.definition.retry_budget_s:g} s: "
-                        f"{type(exc).__name__}: {exc}",
-                    ) from exc
-                gevent.sleep(delay_s)
+                gevent.sleep(self._failed_within_budget(exc, retrying, deadline, "unreachable"))
                 continue
             retrying.succeeded()
             self.stats.reachable = True
@@ -299,16 +305,9 @@ class AmqpOutconn:
                         link.settled = _ignore
             except CONNECTION_ERRORS as exc:
                 # Broken under the publish: the same message again on a new connection.
-                self.stats.reachable = False
-                self.stats.error(f"{type(exc).__name__}: {exc}")
-                delay_s = retrying.failed(exc)
-                if time.monotonic() + delay_s >= deadline:
-                    raise AmqpUnreachable(
-                        self.name,
-                        f"{self.url}: connection kept breaking for {self.definition.retry_budget_s:g} s: "
-                        f"{exc}",
-                    ) from exc
-                gevent.sleep(delay_s)
+                gevent.sleep(
+                    self._failed_within_budget(exc, retrying, deadline, "connection kept breaking")
+                )
                 continue
             except CHANNEL_ERRORS as exc:
                 self.stats.error(f"{type(exc).__name__}: {exc}")
