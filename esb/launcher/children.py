@@ -77,6 +77,7 @@ class Child:
     policy: RetryPolicy = CHILD_RESTART
     proc: subprocess.Popen | None = None
     started_at: float = 0.0  # time.monotonic()
+    start_time: int | None = None  # its /proc start time: proof of identity in children.json
     restarts: int = 0
     failures: int = 0  # consecutive deaths of short runs
     crash_looping: bool = False
@@ -101,6 +102,7 @@ class Child:
                 close_fds=True,
             )
         self.started_at = time.monotonic()
+        self.start_time = process_start_time(self.proc.pid)
 
     def exited(self, code: int, now: float) -> float:
         """Record that the child exited with CODE at NOW; answer the seconds until it is
@@ -246,6 +248,17 @@ def python_child(
         is_essential=is_essential,
         own_log=config.log_dir / own_log if own_log else None,
     )
+
+
+def process_start_time(pid: int) -> int | None:
+    """When PID started, in clock ticks since boot (``/proc/<pid>/stat`` field 22): with the
+    pid, the proof that a process is the one esb started. None when it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        # The name (field 2) may hold spaces and parentheses: split after its last ')'.
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def pid_is_running(pid: int) -> bool:
