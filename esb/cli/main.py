@@ -4,6 +4,7 @@ to exit codes (0 ok, 1 failure, 2 bad configuration or usage)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from esb.cli import (
@@ -38,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Files esb creates hold secrets (server.conf, the ODB, Redis's append-only file, logs with
+# payloads): readable by their owner only. Every process of a server inherits this.
+PRIVATE_UMASK = 0o077
+
+
 def main(argv: list[str] | None = None) -> None:
+    os.umask(PRIVATE_UMASK)
     args = build_parser().parse_args(argv)
     raise SystemExit(args.handler(args))

@@ -8,6 +8,7 @@ import sys
 import time
 
 from esb.cli.common import FAILURE, OK, load_or_exit, ping
+from esb.config.secrets import keep_private
 from esb.launcher import ROLES, Launcher, StartError, running_launcher
 from esb.observe import setup_logging
 
@@ -31,6 +32,9 @@ def roles_of(args: argparse.Namespace) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     config = load_or_exit(args.directory)
+    changed = keep_private(config.directory, config.odb_url)
+    if changed:
+        print(f"esb: made {len(changed)} file(s) of {config.directory} readable by their owner only")
     if args.fg:
         setup_logging(None, level=config.logging.level, as_json=config.logging.json)
         try:

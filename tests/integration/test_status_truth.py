@@ -112,3 +112,10 @@ def test_server_directory_odb_redis_and_logs_are_private(esb_server):
     assert any(p.endswith("server.log") for p in modes), modes
     group_or_other = {p: oct(m) for p, m in modes.items() if m & 0o077}
     assert not group_or_other, group_or_other
+    # Files an older esb left readable are made private again at the next start.
+    server.stop()
+    for path in (server.directory / "odb.sqlite", server.directory / "logs" / "server.log"):
+        path.chmod(0o644)
+    server.start()
+    for path in (server.directory / "odb.sqlite", server.directory / "logs" / "server.log"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
