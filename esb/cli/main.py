@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Name -> module, in the order `esb --help` lists them.
@@ -59,6 +60,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Files esb creates hold secrets (server.conf, the ODB, Redis's append-only file, logs with
+# payloads): readable by their owner only. Every process of a server inherits this.
+PRIVATE_UMASK = 0o077
+
+
 def main(argv: list[str] | None = None) -> None:
+    os.umask(PRIVATE_UMASK)
     args = build_parser(argv).parse_args(argv)
     raise SystemExit(args.handler(args))

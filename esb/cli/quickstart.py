@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if directory.exists() and any(directory.iterdir()):
         print(f"esb: {directory} is not empty; quickstart only fills a new directory", file=sys.stderr)
         return FAILURE
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.chmod(0o700)  # it holds the ODB and server.conf: their secrets are the owner's
     for sub in ("config", "pickup", "logs", "run"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
     settings = {

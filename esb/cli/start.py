@@ -8,7 +8,8 @@ import sys
 import time
 
 from esb.cli.common import FAILURE, OK, load_or_exit, ping
-from esb.launcher import ROLES, Launcher, StartError, running_launcher_pid
+from esb.config.secrets import keep_private
+from esb.launcher import ROLES, Launcher, StartError, running_launcher
 from esb.observe import setup_logging
 
 START_TIMEOUT_S = 90
@@ -34,6 +35,9 @@ def roles_of(args: argparse.Namespace) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     config = load_or_exit(args.directory)
+    changed = keep_private(config.directory, config.odb_url)
+    if changed:
+        print(f"esb: made {len(changed)} file(s) of {config.directory} readable by their owner only")
     if args.fg:
         setup_logging(None, level=config.logging.level, as_json=config.logging.json)
         try:
@@ -41,9 +45,11 @@ def run(args: argparse.Namespace) -> int:
         except StartError as exc:
             print(f"esb: {exc}", file=sys.stderr)
             return FAILURE
-    pid = running_launcher_pid(config)
-    if pid is not None:
-        print(f"esb: already running in {config.directory} (pid {pid})", file=sys.stderr)
+    running, stale = running_launcher(config)
+    for line in stale:
+        print(f"esb: {line}")
+    if running is not None:
+        print(f"esb: already running in {config.directory} (pid {running.pid})", file=sys.stderr)
         return FAILURE
     config.log_dir.mkdir(parents=True, exist_ok=True)
     launcher_log = config.log_dir / "launcher.log"

@@ -32,7 +32,8 @@ def render_text(status: dict[str, Any]) -> str:
     lines += [f"  problem: {p}" for p in status.get("problems", [])]
     for worker in status["workers"]:
         lines.append(
-            f"{mark(worker['alive'])}worker {worker['host']}:{worker['pid']} "
+            f"{mark(worker['alive'] and not worker.get('generation_error'))}worker "
+            f"{worker['host']}:{worker['pid']} generation {worker['generation']}, "
             f"last heartbeat {worker['last_heartbeat']}"
         )
     scheduler = status.get("scheduler") or {}
@@ -47,6 +48,12 @@ def render_text(status: dict[str, Any]) -> str:
             f"{mark(not job['stale'] and not job['last_error'])}job {job['name']}: "
             f"runs {job['runs']}, missed {job['missed']}, last {job['last_run']}, "
             f"next {job['next_run']}" + (f", error {job['last_error']}" if job["last_error"] else "")
+        )
+    deploy = status.get("deploy")
+    if deploy:
+        lines.append(
+            f"{mark(not deploy['open_rejections'])}deploy: generation {deploy['generation']}, "
+            f"last good {deploy['last_good']}"
         )
     dispatch = status.get("dispatch")
     if dispatch:
@@ -85,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
     # staleness period (a silent Redis once held this command for 12.8 s).
     timeout_s = max(min(config.redis.socket_timeout_s, config.observe.stale_after_s / 2), 0.5)
     client = make_redis(config.redis_url, socket_timeout_s=timeout_s, max_connections=2)
-    status = collect_status(client, Keys(config.main.cluster), config, definitions)
+    status = collect_status(
+        client, Keys(config.main.cluster), config, definitions, odb if odb_problem is None else None
+    )
+    odb.dispose()
     if odb_problem:
         status["healthy"] = False
         status.setdefault("problems", []).append(odb_problem)

@@ -12,6 +12,7 @@ from esb.config.definitions import (
     merge_units,
     parse_unit,
 )
+from esb.config.secrets import masked, masked_url
 from esb.config.server_conf import ServerConfig, load_server_config, render_example
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "SqlNotificationDef",
     "SqlOutconnDef",
     "load_server_config",
+    "masked",
+    "masked_url",
     "merge_units",
     "parse_unit",
     "render_example",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from esb.config.schedule import schedule_problem, trigger_problem
+from esb.config.secrets import secret_field
 from esb.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class HttpChannelDef:
 class BasicAuthDef:
     name: str
     username: str
-    password: str
+    password: str = secret_field()
     realm: str = "esb"
 
 
@@ -49,7 +50,7 @@ class BasicAuthDef:
 class ApiKeyDef:
     name: str
     header: str
-    value: str
+    value: str = secret_field()
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class SqlNotificationDef:
 @dataclass(frozen=True)
 class AmqpOutconnDef:
     name: str
-    url: str
+    url: str = field(repr=False)  # may hold a password: shown through masked() only
     exchange: str = ""
     routing_key: str = ""
     pool_size: int = 10
@@ -127,7 +128,7 @@ class AmqpChannelDef:
     name: str
     queue: str
     service: str
-    url: str | None = None
+    url: str | None = field(default=None, repr=False)  # may hold a password: see masked()
     outconn: str | None = None  # or the url of this [[outconn.amqp]]
     prefetch: int = 100
     consumers_per_worker: int = 1

@@ -303,6 +303,8 @@ def _validate(config: ServerConfig, file: str) -> None:
     need(config.main.workers >= 1, "main.workers", "must be at least 1")
     need(config.main.timeout_s >= 2, "main.timeout_s", "must be at least 2 seconds")
     need(config.main.graceful_timeout_s >= 1, "main.graceful_timeout_s", "must be at least 1 second")
+    need(config.main.worker_connections >= 1, "main.worker_connections", "must be at least 1")
+    need(bool(config.main.host.strip()), "main.host", "must not be empty")
     need(bool(config.main.cluster.strip()), "main.cluster", "must not be empty")
     need(":" not in config.main.cluster, "main.cluster", "must not contain ':'")
     need("://" in config.odb.url, "odb.url", "must be an SQLAlchemy URL")
@@ -311,6 +313,7 @@ def _validate(config: ServerConfig, file: str) -> None:
         "redis.url",
         "must be 'embedded' or a redis://, rediss:// or unix:// URL",
     )
+    need(config.redis.socket_timeout_s > 0, "redis.socket_timeout_s", "must be positive")
     need(config.http.max_body_bytes > 0, "http.max_body_bytes", "must be positive")
     need(config.http.body_timeout_s > 0, "http.body_timeout_s", "must be positive")
     need(config.http.metrics_auth in ("admin", "none"), "http.metrics_auth", "must be admin or none")
@@ -318,6 +321,8 @@ def _validate(config: ServerConfig, file: str) -> None:
     need(config.dispatch.concurrency >= 1, "dispatch.concurrency", "must be at least 1")
     need(config.dispatch.max_backlog >= 0, "dispatch.max_backlog", "must not be negative")
     need(config.dispatch.max_deliveries >= 1, "dispatch.max_deliveries", "must be at least 1")
+    # 0 would make every finished id expire at once: de-duplication off, an error per message.
+    need(config.dispatch.done_ttl_s >= 1, "dispatch.done_ttl_s", "must be at least 1 second")
     need(config.dispatch.reclaim_idle_s > 0, "dispatch.reclaim_idle_s", "must be positive")
     need(config.scheduler.misfire_grace_s >= 0, "scheduler.misfire_grace_s", "must not be negative")
     need(config.scheduler.lease_ttl_s >= 1, "scheduler.lease_ttl_s", "must be at least 1 second")
@@ -330,6 +335,7 @@ def _validate(config: ServerConfig, file: str) -> None:
         "observe.stale_after_s",
         "must be longer than observe.heartbeat_interval_s",
     )
+    need(config.observe.block_warn_s > 0, "observe.block_warn_s", "must be positive")
     need(
         config.logging.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
         "logging.level",

@@ -23,25 +23,13 @@ from pathlib import Path
 import redis
 
 from esb.bus import Keys, parse_iso
+from esb.observe.supervision import pid_is_running
 from esb.odb import OdbStore, RejectedDeployment
 
 logger = logging.getLogger(__name__)
 
 # Two deaths on one version: one could be a coincidence (an OOM kill, a kill -9 by hand).
 CRASHES_TO_REJECT = 2
-
-
-def _pid_is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class LoadingMarker:
@@ -77,7 +65,7 @@ def claim_crashes(run_dir: Path, odb: OdbStore, *, host: str | None = None) -> l
             pid = int(marker.stem)
         except ValueError:
             continue
-        if pid == os.getpid() or _pid_is_running(pid):
+        if pid == os.getpid() or pid_is_running(pid):
             continue
         claimed = marker.with_suffix(f".claimed-{os.getpid()}")
         try:

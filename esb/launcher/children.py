@@ -88,6 +88,7 @@ class Child:
     policy: RetryPolicy = CHILD_RESTART
     proc: subprocess.Popen | None = None
     started_at: float = 0.0  # time.monotonic()
+    start_time: int | None = None  # its /proc start time: proof of identity in children.json
     restarts: int = 0
     failures: int = 0  # consecutive deaths of short runs
     crash_looping: bool = False
@@ -112,6 +113,7 @@ class Child:
                 close_fds=True,
             )
         self.started_at = time.monotonic()
+        self.start_time = process_start_time(self.proc.pid)
 
     def exited(self, code: int, now: float) -> float:
         """Record that the child exited with CODE at NOW; answer the seconds until it is
@@ -272,16 +274,12 @@ def redis_answers_ping(unix_socket: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
-def pid_is_running(pid: int) -> bool:
-    """True while PID exists and is not a zombie (a zombie has exited; only reaping remains)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+def process_start_time(pid: int) -> int | None:
+    """When PID started, in clock ticks since boot (``/proc/<pid>/stat`` field 22): with the
+    pid, the proof that a process is the one esb started. None when it does not exist."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+        # The name (field 2) may hold spaces and parentheses: split after its last ')'.
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None

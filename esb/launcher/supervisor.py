@@ -16,7 +16,6 @@ goes to ``run/supervision.json``, which ``esb status`` reads.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -34,10 +33,10 @@ from esb.launcher.children import (
     CRASH_LOOP_WINDOW_S,
     Child,
     embedded_redis,
-    pid_is_running,
     python_child,
     redis_answers_ping,
 )
+from esb.launcher.pidfiles import Recorded, check_launcher, write_children_file, write_pid_file
 from esb.observe import metrics, supervision
 from esb.observe.logs import file_handler
 from esb.observe.retry import CHILD_RESTART, RetryPolicy
@@ -68,12 +67,10 @@ def children_file(config: ServerConfig) -> Path:
     return config.run_dir / "children.json"
 
 
-def running_launcher_pid(config: ServerConfig) -> int | None:
-    try:
-        pid = int(pid_file(config).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid_is_running(pid) else None
+def running_launcher(config: ServerConfig) -> tuple[Recorded | None, list[str]]:
+    """The launcher running in this directory, if it is still the process esb started;
+    stale pid files are removed, one line each in the second item."""
+    return check_launcher(pid_file(config), children_file(config))
 
 
 class Launcher:
@@ -100,14 +97,16 @@ class Launcher:
     def run(self) -> int:
         """Start everything, supervise until told to stop, stop everything; the exit code."""
         config = self.config
-        running = running_launcher_pid(config)
+        running, stale = running_launcher(config)
+        for line in stale:
+            logger.warning("%s", line)
         if running is not None:
             raise StartError(
-                f"a server is already running in {config.directory} (pid {running}); 'esb stop' it first"
+                f"a server is already running in {config.directory} (pid {running.pid}); 'esb stop' it first"
             )
         for directory in (config.run_dir, config.log_dir, config.pickup_dir, config.config_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        pid_file(config).write_text(str(os.getpid()))
+        write_pid_file(pid_file(config), os.getpid())
         # Deploys validate in the environment the workers will have: this one.
         record_server_environment(config.run_dir)
         self.install_signals()
@@ -306,8 +305,10 @@ class Launcher:
 
     def _record_children(self) -> None:
         """The pids for `esb stop`; the facts for `esb status`."""
-        pids = {child.name: child.pid for child in self._supervised() if child.pid}
-        children_file(self.config).write_text(json.dumps(pids))
+        write_children_file(
+            children_file(self.config),
+            {child.name: Recorded(child.pid, child.start_time) for child in self._supervised() if child.pid},
+        )
         supervision.write_facts(
             self.config.run_dir,
             {

@@ -28,7 +28,8 @@ def write_facts(run_dir: Path, facts: dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
-def _is_running(pid: object) -> bool:
+def pid_is_running(pid: object) -> bool:
+    """True while PID exists and is not a zombie (a zombie has exited; only reaping remains)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -37,7 +38,11 @@ def _is_running(pid: object) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def read_facts(run_dir: Path) -> dict[str, Any] | None:
@@ -46,7 +51,7 @@ def read_facts(run_dir: Path) -> dict[str, Any] | None:
         facts = json.loads(facts_path(run_dir).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(facts, dict) or not _is_running(facts.get("launcher_pid")):
+    if not isinstance(facts, dict) or not pid_is_running(facts.get("launcher_pid")):
         return None
     return facts
 

@@ -345,6 +345,37 @@ class OdbStore:
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read the ODB: {exc}") from exc
 
+    def open_rejections(self) -> list[RejectedDeployment]:
+        """The rollbacks whose name was not deployed (nor undeployed) since: each is still
+        a problem for status, until the operator deploys a fixed version or removes it."""
+        try:
+            with Session(self.engine) as session:
+                open_ids = []
+                newest = select(Rejection).order_by(Rejection.deployment_id.desc()).limit(20)
+                for r in session.scalars(newest):
+                    since = session.scalar(
+                        select(func.max(Deployment.created_at)).where(
+                            Deployment.kind == r.kind, Deployment.name == r.name
+                        )
+                    )
+                    # The rollback's own rows carry the rejection's moment exactly.
+                    if since is None or since <= r.at:
+                        open_ids.append(r.deployment_id)
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot read the ODB: {exc}") from exc
+        return [r for r in self.rejections() if r.deployment_id in open_ids]
+
+    def generation_created_at(self) -> dt.datetime | None:
+        """When the newest change was written (UTC), None for an empty ODB."""
+        try:
+            with Session(self.engine) as session:
+                moment = session.scalar(select(Deployment.created_at).order_by(Deployment.id.desc()).limit(1))
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot read the ODB: {exc}") from exc
+        if moment is not None and moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.UTC)  # SQLite keeps no zone; esb writes UTC
+        return moment
+
     def _newest_rows(self, session: Session, kind: str) -> dict[str, Deployment]:
         rows: dict[str, Deployment] = {}
         query = select(Deployment).where(Deployment.kind == kind).order_by(Deployment.version)

@@ -8,6 +8,7 @@ killed and replaced loses nothing but the requests it was serving.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import socket
@@ -394,13 +395,15 @@ class WorkerRuntime:
             "started_at": self.started_at,
             "generation": str(self.generation),
             "generation_error": self.generation_error,
+            # What this worker can run: status checks each channel's and job's service here.
+            "services": json.dumps(sorted(self.store.services)),
             "inflight": str(len(self.consumer.inflight)),
             **outgoing_amqp.heartbeat_field(self.services.outgoing.amqp),
             **channels_field(self.amqp_channels),
         }
 
     def status(self) -> dict[str, Any]:
-        return collect_status(self.loop_redis, self.keys, self.config, self.definitions)
+        return collect_status(self.loop_redis, self.keys, self.config, self.definitions, self.odb)
 
 
 __all__ = ["WorkerRuntime"]

@@ -1,13 +1,19 @@
-"""The health of a cluster, from the facts its components leave in Redis.
+"""The health of a cluster, from the facts its components leave in Redis and the ODB.
 
 ``esb status`` and ``GET /esb/status`` both answer with ``collect_status``; a component is
 stale when its newest fact is older than it should be, and the cluster is healthy only
-when a worker answers, a scheduler is active and nothing is stale or failing.
+when a worker answers, a scheduler is active and nothing is stale or failing. Failing
+includes what a deploy left wrong: a worker on another generation than the ODB's for
+longer than ``GENERATION_GRACE_S``, a generation a worker could not apply, a version the
+server rolled back (until that name is deployed again), and a channel, job or
+notification naming a service that a live worker did not load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 from typing import Any
 
 import redis
@@ -16,11 +22,16 @@ from redis.exceptions import RedisError
 from esb.bus import Keys, parse_iso
 from esb.bus.jobstate import JobFacts, read_job_facts
 from esb.config import Definitions, JobDef, ServerConfig
+from esb.deploy.generations import DeployFacts, read_deploy_facts
+from esb.errors import OdbUnavailable
 from esb.observe import supervision
 from esb.observe.retry import unreachable
+from esb.odb import OdbStore, RejectedDeployment
 from esb.outgoing.amqp.status import amqp_status
 
 JOB_GRACE_S = 5.0
+# A worker polls the ODB every few seconds: this long on another generation is a problem.
+GENERATION_GRACE_S = 10.0
 
 
 def _age_s(value: str | None, now: dt.datetime) -> float | None:
@@ -51,10 +62,23 @@ def _workers(client: redis.Redis, keys: Keys, stale_after_s: float, now: dt.date
                 "last_heartbeat": fields.get("last_heartbeat"),
                 "started_at": fields.get("started_at"),
                 "generation": int(fields.get("generation", -1)),
+                "generation_error": fields.get("generation_error") or None,
+                "services": _services_field(fields.get("services")),
                 "inflight": int(fields.get("inflight", 0)),
             }
         )
     return sorted(workers, key=lambda w: (w["host"] or "", w["pid"]))
+
+
+def _services_field(raw: str | None) -> list[str] | None:
+    """The service names a worker loaded, from its heartbeat; None when it does not say."""
+    if raw is None:
+        return None
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        return None
+    return sorted(names) if isinstance(names, list) else None
 
 
 def _job_is_stale(job: JobDef, facts: JobFacts, now: dt.datetime) -> bool:
@@ -157,10 +181,77 @@ def _dispatch_problems(dispatch: dict[str, Any]) -> list[str]:
     return problems
 
 
+# -- deploys: generations and the services that channels name --------------------------
+
+
+def _generation_age_s(odb: OdbStore, now: dt.datetime) -> float | None:
+    moment = odb.generation_created_at()
+    return None if moment is None else (now - moment).total_seconds()
+
+
+def deploy_problems(
+    facts: DeployFacts, generation_age_s: float | None, open_rejections: list[RejectedDeployment]
+) -> list[str]:
+    """One line per worker that is not on the ODB's generation (past the grace), per
+    generation a worker could not apply, and per rollback not yet superseded."""
+    problems = []
+    for w in facts.workers:
+        where = f"worker {w.host}:{w.pid}"
+        if w.error:
+            problems.append(f"{where} could not apply {w.error}; it serves generation {w.generation}")
+        elif w.generation != facts.generation and (
+            generation_age_s is None or generation_age_s > GENERATION_GRACE_S
+        ):
+            problems.append(
+                f"{where} serves generation {w.generation}, the ODB is at generation {facts.generation}"
+            )
+    for r in open_rejections:
+        what = "module" if r.kind == "module" else "definitions unit"
+        problems.append(
+            f"{what} {r.name} version {r.version} was rejected at {r.at}: {r.reason}; "
+            f"deploy a fixed version or undeploy it"
+        )
+    return problems
+
+
+def service_problems(definitions: Definitions, workers: list[dict[str, Any]]) -> list[str]:
+    """One line per channel, job or notification whose service a live worker did not load.
+
+    The workers' heartbeats say what they loaded: the truth of what answers, whatever the
+    ODB holds (an ODB file deleted under a running cluster left every channel answering 503).
+    """
+    loaded = [(w, set(w["services"])) for w in workers if w["alive"] and w["services"] is not None]
+    if not loaded:
+        return []
+    problems = []
+    for kind in sorted(definitions.objects):
+        for name, obj in sorted(definitions.of(kind).items()):
+            service = getattr(obj, "service", None)
+            if not service:
+                continue
+            missing = [w for w, names in loaded if service not in names]
+            if not missing:
+                continue
+            what = f"{kind} {name} ({definitions.unit_of.get((kind, name), '?')})"
+            if len(missing) == len(loaded):
+                problems.append(f"{what} names service {service}, which is not deployed")
+            else:
+                where = ", ".join(f"{w['host']}:{w['pid']}" for w in missing)
+                problems.append(f"{what} names service {service}, which worker {where} did not load")
+    return problems
+
+
 def collect_status(
-    client: redis.Redis, keys: Keys, config: ServerConfig, definitions: Definitions
+    client: redis.Redis,
+    keys: Keys,
+    config: ServerConfig,
+    definitions: Definitions,
+    odb: OdbStore | None = None,
 ) -> dict[str, Any]:
     """Every component's facts and the verdict; Redis down is itself an unhealthy verdict.
+
+    With ODB, what deploys left wrong counts too (``deploy_problems``); an ODB that does
+    not answer is then itself a problem.
 
     The launcher's facts about its children come from a file (esb.observe.supervision), so
     a child that keeps dying is reported even when that child is the embedded Redis.
@@ -192,6 +283,27 @@ def collect_status(
     if not scheduler["active"]:
         problems.append("no scheduler is active")
     problems.extend(f"job {j['name']} is stale" for j in scheduler["jobs"] if j["stale"])
+    problems.extend(
+        f"job {j['name']}: its last run failed: {j['last_error']}"
+        for j in scheduler["jobs"]
+        if j["last_error"]
+    )
+    problems.extend(service_problems(definitions, workers))
+    deploy: dict[str, Any] | None = None
+    if odb is not None:
+        try:
+            facts = read_deploy_facts(odb, client, keys, stale_after_s)
+            open_rejections = odb.open_rejections()
+            problems.extend(deploy_problems(facts, _generation_age_s(odb, now), open_rejections))
+            deploy = {
+                "generation": facts.generation,
+                "last_good": facts.last_good,
+                "open_rejections": [dataclasses.asdict(r) for r in open_rejections],
+            }
+        except OdbUnavailable as exc:
+            problems.append(f"ODB: {exc}")
+        except RedisError as exc:
+            problems.append(f"{unreachable('Redis', 'status')} ({type(exc).__name__}: {exc})")
     problems.extend(supervision.problems(launcher))
     problems.extend(_dispatch_problems(dispatch))
     problems.extend(amqp["problems"])
@@ -204,6 +316,7 @@ def collect_status(
         "scheduler": scheduler,
         "launcher": launcher,
         "dispatch": dispatch,
+        "deploy": deploy,
         "outconns": {"amqp": amqp["outconns"]},
         "channels": {"amqp": amqp["channels"]},
     }

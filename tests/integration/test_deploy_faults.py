@@ -237,6 +237,13 @@ def test_module_killing_workers_at_import_rolled_back(esb_server, odb_url, tmp_p
     assert rejection.kind == MODULE and rejection.version == 2 and "died while importing" in rejection.reason
     wait_until(lambda: workers_settled(server, 2), timeout_s=60, message="workers back on the last good one")
     assert_last_good_everywhere(server)
+    # status names the rejected version until a fixed one is deployed
+    done = esb("status", str(server.directory))
+    assert done.returncode != 0 and "module versioned version 2 was rejected" in done.stdout, done.stdout
+    assert server.deploy(write(tmp_path, "versioned.py", VERSIONED.format(version=3))).returncode == 0
+    # (worker deaths count against health for a minute)
+    wait_until(lambda: esb("status", str(server.directory)).returncode == 0, timeout_s=90,
+               message="healthy once a fixed version is deployed")
 
 
 def test_undeploy_module_still_named_by_channel_refused(esb_server, tmp_path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 
+from esb.launcher.children import process_start_time
 from tests.conftest import set_conf
 from tests.helpers import esb, pid_alive
 
@@ -23,7 +25,7 @@ def test_background_start_stop_and_status(esb_server):
         report = json.loads(status.stdout)
         assert {"healthy", "workers", "scheduler"} <= set(report)
         assert len([w for w in report["workers"] if w["alive"]]) == 2
-        launcher = int((server.directory / "run" / "esb.pid").read_text())
+        launcher = int((server.directory / "run" / "esb.pid").read_text().split()[0])
     finally:
         stopped = esb("stop", directory)
     assert stopped.returncode == 0, stopped.stderr
@@ -60,3 +62,40 @@ def test_quickstart_refuses_a_non_empty_directory(tmp_path):
     conf = tmp_path / "y" / "server.conf"
     assert esb("quickstart", str(tmp_path / "y")).returncode == 0
     assert conf.stat().st_mode & 0o777 == 0o600
+
+
+def test_stale_pid_files_naming_another_process_are_never_signalled(esb_server):
+    """After a kill -9 of the launcher its pid may go to another process: `esb start`
+    starts anyway, and `esb stop` never signals that process."""
+    server = esb_server(start=False)
+    directory = str(server.directory)
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        start_time = process_start_time(stranger.pid)
+        assert start_time is not None
+        run = server.directory / "run"
+        # The records of processes esb started long ago, whose pids went to `sleep`.
+        (run / "esb.pid").write_text(f"{stranger.pid} {start_time - 1}\n")
+        (run / "children.json").write_text(json.dumps(
+            {"server": stranger.pid, "start_times": {"server": start_time - 1}}))
+        stopped = esb("stop", directory)
+        assert stopped.returncode == 0, stopped.stderr
+        assert f"stale run/esb.pid (pid {stranger.pid} is another process); removed" in stopped.stdout
+        assert stranger.poll() is None
+
+        (run / "esb.pid").write_text(f"{stranger.pid} {start_time - 1}\n")
+        (run / "children.json").write_text(json.dumps(
+            {"server": stranger.pid, "start_times": {"server": start_time - 1}}))
+        started = esb("start", directory)
+        try:
+            assert started.returncode == 0, started.stderr
+            assert "stale run/esb.pid" in started.stdout and "stale run/children.json" in started.stdout
+            assert server.answers()
+        finally:
+            stopped = esb("stop", directory)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not server.answers()
+        assert stranger.poll() is None, "esb stop signalled a process it did not start"
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -28,10 +28,11 @@ from gevent.pool import Pool
 from gevent.queue import Empty, Queue
 
 from esb.config.definitions import AmqpChannelDef, AmqpOutconnDef
+from esb.config.secrets import masked_url
 from esb.errors import OutconnError
 from esb.observe import metrics
 from esb.observe.retry import Retrying, RetryPolicy
-from esb.outgoing.amqp.link import LINK_ERRORS, masked_url
+from esb.outgoing.amqp.link import LINK_ERRORS
 from esb.outgoing.amqp.pool import AmqpOutconn
 from esb.service import AmqpInfo, ServiceRuntime
 

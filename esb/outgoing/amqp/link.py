@@ -43,14 +43,6 @@ class StillBlocked(Exception):
     """The broker kept publishers blocked past ``blocked_timeout_s``."""
 
 
-def masked_url(url: str) -> str:
-    """The URL with its password replaced by ``**``, for logs and status."""
-    try:
-        return kombu.Connection(url).as_uri(include_password=False)
-    except Exception:
-        return "<unparsable url>"
-
-
 class Link:
     """A connected, confirming publisher. Not thread- or greenlet-safe: the pool hands it
     to one greenlet at a time."""

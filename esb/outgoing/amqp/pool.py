@@ -21,6 +21,7 @@ import gevent
 from gevent.lock import BoundedSemaphore
 
 from esb.config.definitions import AmqpOutconnDef
+from esb.config.secrets import masked_url
 from esb.errors import (
     AmqpUnreachable,
     ConfirmTimeout,
@@ -43,7 +44,6 @@ from esb.outgoing.amqp.link import (
     NoConfirm,
     Settled,
     StillBlocked,
-    masked_url,
 )
 
 logger = logging.getLogger(__name__)
