@@ -12,6 +12,7 @@ from esb.cli import (
     deploy,
     invoke,
     jobs,
+    notifications,
     quickstart,
     start,
     status,
@@ -20,7 +21,19 @@ from esb.cli import (
 )
 from esb.config import render_example
 
-COMMANDS = (quickstart, start, stop, status, jobs, deploy, undeploy, invoke, check_config, dead_letters)
+COMMANDS = (
+    quickstart,
+    start,
+    stop,
+    status,
+    jobs,
+    notifications,
+    deploy,
+    undeploy,
+    invoke,
+    check_config,
+    dead_letters,
+)
 
 
 def _config_example(args: argparse.Namespace) -> int:

@@ -44,11 +44,15 @@ from esb.errors import (
     ServiceNotFound,
     Unavailable,
 )
+from esb.notification import NOTIFICATION_SERVICE
+from esb.notification.runner import NotificationRunner
+from esb.notification.store import NotificationStore
 from esb.observe import metrics
 from esb.observe.blocking import start_block_monitor
 from esb.observe.retry import Retrying
 from esb.odb import MODULE, UNIT, OdbStore
 from esb.outgoing import amqp as outgoing_amqp
+from esb.outgoing import sql as outgoing_sql
 from esb.outgoing.amqp.consumer import AmqpChannel, channels_field, refresh_channels
 from esb.server.consumer import DispatchConsumer, consumer_name
 from esb.server.http import compile_channels, make_app
@@ -127,6 +131,16 @@ class WorkerRuntime:
         self._greenlets: list[gevent.Greenlet] = []
         self._odb_retrying = Retrying(logger, f"reload of worker {self.pid}", service="ODB")
         self.amqp_channels: dict[str, AmqpChannel] = {}
+        self.notifications = NotificationRunner(
+            store=NotificationStore(self.odb.engine),
+            call=self.services.run,
+            outconns=lambda: self.services.outgoing.sql,
+            definitions=lambda: self.definitions.of("notification.sql"),
+            client=self.loop_redis,
+            keys=self.keys,
+            host=self.host,
+            pid=self.pid,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -185,6 +199,8 @@ class WorkerRuntime:
         self.heartbeat.stop()
         for outconn in self.services.outgoing.amqp.values():
             outconn.retire()
+        for engine in self.services.outgoing.sql.values():
+            engine.retire(wait=False)
 
     # -- state -------------------------------------------------------------------------
 
@@ -265,6 +281,7 @@ class WorkerRuntime:
         self.sink.table = compile_channels(definitions)
         outgoing = self.services.outgoing
         outgoing.amqp = outgoing_amqp.refresh(outgoing.amqp, definitions.of("outconn.amqp"))
+        outgoing.sql = outgoing_sql.refresh(outgoing.sql, definitions.of("outconn.sql"))
         self.amqp_channels = refresh_channels(
             self.amqp_channels,
             definitions,
@@ -340,6 +357,9 @@ class WorkerRuntime:
         """
         job = JobInfo(**message.job) if message.job else None
         self._observe_delays(message, job)
+        if message.service == NOTIFICATION_SERVICE and job is not None:
+            # An SQL notification's firing: the runner records its own outcome.
+            return self.notifications.run(str((message.payload or {}).get("notification", "")))
         try:
             self.services.run(message.service, message.payload, cid=message.cid, job=job)
         except ServiceFailed as exc:  # already logged once, with the service and the cid

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from esb.bus import Keys, parse_iso
 from esb.bus.jobstate import JobFacts, read_job_facts
 from esb.config import Definitions, JobDef, ServerConfig
+from esb.notification.status import notification_problems, notification_rows
 from esb.observe import supervision
 from esb.observe.retry import unreachable
 from esb.outgoing.amqp.status import amqp_status
@@ -173,6 +174,7 @@ def collect_status(
         scheduler = _scheduler(client, keys, definitions, stale_after_s, now)
         dispatch = _dispatch(client, keys, now)
         amqp = amqp_status(client, keys, stale_after_s, now, definitions.of("channel.amqp"))
+        notifications = notification_rows(client, keys, definitions, now)
     except RedisError as exc:
         return {
             "healthy": False,
@@ -185,6 +187,7 @@ def collect_status(
             "launcher": launcher,
             "dispatch": None,
             "channels": {"amqp": []},
+            "notifications": [],
         }
     problems = []
     if not any(w["alive"] for w in workers):
@@ -195,6 +198,7 @@ def collect_status(
     problems.extend(supervision.problems(launcher))
     problems.extend(_dispatch_problems(dispatch))
     problems.extend(amqp["problems"])
+    problems.extend(notification_problems(notifications))
     return {
         "healthy": not problems,
         "problems": problems,
@@ -206,4 +210,5 @@ def collect_status(
         "dispatch": dispatch,
         "outconns": {"amqp": amqp["outconns"]},
         "channels": {"amqp": amqp["channels"]},
+        "notifications": notifications,
     }
