@@ -89,6 +89,7 @@ class NotificationRunner:
         self.host = host
         self.pid = pid
         self._retrying: dict[str, Retrying] = {}
+        self._db_errors: dict[str, str] = {}  # the database's last message, per notification
 
     # -- one run -------------------------------------------------------------------------
 
@@ -123,13 +124,15 @@ class NotificationRunner:
             else:
                 self._run_plain(definition, outconn, run_id, counts)
             retrying.succeeded()
+            self._db_errors.pop(name, None)
         except BatchFailed as exc:
             outcome, error = "failed", str(exc)
             retrying.succeeded()  # the database answered; the service failed
         except SQLAlchemyError as exc:
             outcome, error = "failed", db_message(exc)
-            if retrying.last_error != error:
+            if self._db_errors.get(name) != error:
                 retrying.failures = 0  # a new kind of failure is logged again
+            self._db_errors[name] = error
             retrying.failed(exc)
         except (OdbUnavailable, LookupError) as exc:
             outcome, error = "failed", str(exc)[:500]

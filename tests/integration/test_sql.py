@@ -236,6 +236,9 @@ def test_a_failing_batch_is_retried_then_dead_lettered_and_later_rows_flow(
     row = note_status(server, name)
     assert row["watermark"][1] == 5
     # ...until its third attempt, which dead-letters it; later rows then flow.
+    wait_until(lambda: int(redis_client.get(f"sqlnote:{name}:poisoned") or 0) >= 3, 30,
+               message="three attempts")
+    wait_until(lambda: note_status(server, name)["watermark"][1] == 6, 30, message="moved past the batch")
     insert(engine, table, range(7, 12), base + dt.timedelta(seconds=2))
     wait_until(lambda: len(delivered(redis_client, name)) >= 10, 60, message="rows after the poison")
     assert int(redis_client.get(f"sqlnote:{name}:poisoned")) == 3
