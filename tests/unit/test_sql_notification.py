@@ -1,0 +1,86 @@
+"""SQL notifications without a database: the keyset query esb wraps around the user's,
+watermark values that keep their type, row values made JSON-able, the engine options."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import uuid
+
+from esb.config import merge_units
+from esb.config.definitions import SqlNotificationDef, SqlOutconnDef
+from esb.notification import NOTIFICATION_SERVICE, as_job, notification_jobs
+from esb.notification.runner import watermark_query
+from esb.notification.store import decode_values, encode_values, jsonable
+from esb.outgoing.sql import engine_options, mask_url
+
+
+def note(**kwargs) -> SqlNotificationDef:
+    return SqlNotificationDef(name="n", outconn="db", query="SELECT id, updated_at FROM t;",
+                              service="s", **kwargs)
+
+
+def test_watermark_query_orders_and_binds_the_keyset():
+    definition = note(watermark=("updated_at", "id"))
+    assert watermark_query(definition, has_watermark=False) == (
+        "SELECT * FROM (SELECT id, updated_at FROM t) AS esb_q ORDER BY updated_at, id LIMIT :esb_limit"
+    )
+    assert watermark_query(definition, has_watermark=True) == (
+        "SELECT * FROM (SELECT id, updated_at FROM t) AS esb_q"
+        " WHERE (updated_at, id) > (:esb_wm_0, :esb_wm_1) ORDER BY updated_at, id LIMIT :esb_limit"
+    )
+
+
+def test_watermark_query_with_one_column_and_a_lag():
+    definition = note(watermark=("updated_at",), lag_s=5)
+    assert watermark_query(definition, has_watermark=True) == (
+        "SELECT * FROM (SELECT id, updated_at FROM t) AS esb_q"
+        " WHERE updated_at > :esb_wm_0 AND updated_at <= :esb_lag_until ORDER BY updated_at LIMIT :esb_limit"
+    )
+
+
+def test_watermark_values_keep_their_type():
+    values = [dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC), 7, decimal.Decimal("1.50"), "a",
+              dt.date(2030, 1, 2), uuid.UUID(int=5)]
+    assert decode_values(encode_values(values)) == values
+    assert decode_values(None) is None
+
+
+def test_row_values_become_json_able():
+    assert jsonable(dt.datetime(2030, 1, 2, 3, 4, 5)) == "2030-01-02T03:04:05"
+    assert jsonable(decimal.Decimal("1.50")) == "1.50"
+    assert jsonable(b"\x00\x01") == "AAE="
+    assert jsonable(3) == 3
+
+
+def test_a_notification_is_a_job_fired_every_interval_without_overlap():
+    job = as_job(note(interval_s=2.5, is_active=False))
+    assert job.service == NOTIFICATION_SERVICE
+    assert job.type == "interval" and job.interval_s == 2.5
+    assert job.on_overlap == "skip" and job.coalesce and job.paused
+    assert job.payload == {"notification": "n"}
+    unit = """
+[[outconn.sql]]
+name = "db"
+url = "sqlite:///x.db"
+
+[[notification.sql]]
+name = "n"
+outconn = "db"
+query = "SELECT 1"
+service = "s"
+watermark = ["id"]
+"""
+    definitions = merge_units([("u", unit)])
+    assert list(notification_jobs(definitions)) == ["esb.notification:n"]
+    assert definitions.of("notification.sql")["n"].mode == "watermark"
+
+
+def test_engine_options_and_a_masked_url():
+    definition = SqlOutconnDef(name="db", url="postgresql+psycopg://u:secret@h/db?options=-csearch_path%3Dx",
+                               statement_timeout_s=2.5, pool_size=3)
+    options = engine_options(definition)
+    assert options["pool_size"] == 3
+    assert options["connect_args"]["options"] == "-csearch_path=x -c statement_timeout=2500"
+    assert "secret" not in mask_url(definition.url)
+    assert "***" in mask_url(definition.url)
