@@ -362,3 +362,60 @@ def test_outconn_connect_and_session_and_a_slow_query_does_not_block_the_worker(
     thread.join(timeout=30)
     assert slow["response"].status_code == 200, slow["response"].text
     assert pings >= 1
+
+
+# -- operating -----------------------------------------------------------------------------
+
+
+def test_pause_resume_run_and_hot_deploys_that_pause_change_and_remove(
+    esb_server: Any, tmp_path: Path, redis_client: redis.Redis, sql_keys: list[str], cluster: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ops.db'}"
+    engine = create_engine(url)
+    name = new_name(sql_keys)
+    table = f"t_{name}"
+    make_table(engine, table)
+    server = esb_server(workers=1)
+    definition = {"name": name, "outconn": "db", "query": f"SELECT id, updated_at, body FROM {table}",
+                  "watermark": ["id"]}
+    deploy(server, tmp_path, unit_text([{"name": "db", "url": url}], [definition]))
+    day = dt.datetime(2030, 1, 1)
+    insert(engine, table, range(1, 6), day)
+    wait_until(lambda: len(delivered(redis_client, name)) == 5, 30, message="first rows")
+    directory = str(server.directory)
+
+    def job_runs() -> int:
+        return int(redis_client.hget(f"esb:{cluster}:job:esb.notification:{name}", "runs") or 0)
+
+    # The operator's pause: firings end at once, nothing is delivered.
+    assert esb("notifications", directory, "pause", name).returncode == 0
+    wait_until(lambda: note_status(server, name)["paused"], 10, message="paused in status")
+    insert(engine, table, range(6, 11), day)
+    runs = job_runs()
+    wait_until(lambda: job_runs() >= runs + 2, 30, message="two firings while paused")
+    assert len(delivered(redis_client, name)) == 5
+    assert esb("notifications", directory, "resume", name).returncode == 0
+    wait_until(lambda: len(delivered(redis_client, name)) == 10, 30, message="rows after resume")
+    done = esb("notifications", directory, "run", name)
+    assert done.returncode == 0, done.stderr
+    listing = esb("notifications", directory)
+    assert name in listing.stdout and "watermark" in listing.stdout
+    # A hot deploy that pauses: the scheduler no longer fires it.
+    deploy(server, tmp_path, unit_text([{"name": "db", "url": url}], [definition | {"is_active": False}]),
+           with_module=False)
+    wait_until(lambda: not note_status(server, name)["active"] and not note_status(server, name)["next_run"],
+               30, message="deactivated by deploy")
+    assert esb("status", directory).returncode == 0  # a paused notification is not a problem
+    insert(engine, table, range(11, 16), day)
+    insert(engine, table, range(16, 18), day, body="skip")
+    # A hot deploy that changes the query (and activates it again).
+    changed = definition | {"query": f"SELECT id, updated_at, body FROM {table} WHERE body <> 'skip'"}
+    deploy(server, tmp_path, unit_text([{"name": "db", "url": url}], [changed]), with_module=False)
+    wait_until(lambda: len(delivered(redis_client, name)) == 15, 30, message="rows of the changed query")
+    assert sorted(i["row"]["id"] for i in delivered(redis_client, name)) == list(range(1, 16))
+    # A hot deploy that removes it.
+    deploy(server, tmp_path, unit_text([{"name": "db", "url": url}], []), with_module=False)
+    wait_until(lambda: all(n["name"] != name for n in server.status()["notifications"]), 30,
+               message="removed from status")
+    assert esb("notifications", directory, "run", name).returncode != 0
+    engine.dispose()
