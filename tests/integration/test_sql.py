@@ -10,7 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import signal
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -25,7 +28,7 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from tests.helpers import Server, esb, wait_until
+from tests.helpers import Server, esb, free_port, wait_until
 
 DEPLOYABLES = Path(__file__).parent / "deployables"
 
@@ -418,4 +421,90 @@ def test_pause_resume_run_and_hot_deploys_that_pause_change_and_remove(
     wait_until(lambda: all(n["name"] != name for n in server.status()["notifications"]), 30,
                message="removed from status")
     assert esb("notifications", directory, "run", name).returncode != 0
+    engine.dispose()
+
+
+class PrivatePostgres:
+    """A PostgreSQL of one test's own (initdb, pg_ctl) on a free port, so the test may stop
+    it; never the shared one. Run as the postgres user when the tests run as root."""
+
+    def __init__(self) -> None:
+        # Not under pytest's tmp_path: that is private to the user running the tests.
+        self.home = Path(tempfile.mkdtemp(prefix="esb-pg-"))
+        os.chmod(self.home, 0o755)
+        self.directory = self.home / "pgdata"
+        self.port = free_port()
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        done = subprocess.run([*self.as_user, *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{args[0]}: {done.stdout}\n{done.stderr}"
+
+    def init(self) -> None:
+        self.directory.mkdir()
+        if self.as_user:
+            shutil.chown(self.directory, "postgres")
+        self._run("initdb", "-D", str(self.directory), "-A", "trust", "-U", "postgres")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.directory), "-o", options, "-w", "-l",
+                  str(self.directory / "log"), "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.directory), "-m", "immediate", "-w", "stop")
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+        pytest.fail("initdb and pg_ctl are needed for the database outage test")
+    server = PrivatePostgres()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        try:
+            server.stop()
+        except AssertionError:
+            pass  # already stopped
+        shutil.rmtree(server.home, ignore_errors=True)
+
+
+def test_a_database_outage_shows_in_status_and_recovers_without_losing_rows(
+    esb_server: Any, tmp_path: Path, private_pg: PrivatePostgres, redis_client: redis.Redis,
+    sql_keys: list[str]
+) -> None:
+    engine = create_engine(private_pg.url, pool_pre_ping=True)
+    name = new_name(sql_keys)
+    table = f"t_{name}"
+    make_table(engine, table)
+    server = esb_server(workers=1)
+    deploy(server, tmp_path, unit_text(
+        [{"name": "db", "url": private_pg.url, "pool_timeout_s": 2, "connect_args": {"connect_timeout": 2}}],
+        [{"name": name, "outconn": "db", "query": f"SELECT id, updated_at FROM {table}",
+          "watermark": ["updated_at", "id"]}],
+    ))
+    insert(engine, table, range(1, 11), dt.datetime(2030, 1, 1))
+    wait_until(lambda: len(delivered(redis_client, name)) == 10, 30, message="rows before the outage")
+    private_pg.stop()
+    row = wait_until(lambda: (r := note_status(server, name))["consecutive_failures"] >= 2 and r, 60,
+                     message="failures in status")
+    assert row["last_error"] and row["last_outcome"] == "failed"
+    done = esb("status", str(server.directory))
+    assert done.returncode != 0 and f"notification {name} is failing" in done.stdout + done.stderr
+    private_pg.start()
+    insert(engine, table, range(11, 21), dt.datetime(2030, 1, 2))
+    wait_until(lambda: len(delivered(redis_client, name)) >= 20, 60, message="rows after the outage")
+    wait_until(lambda: note_status(server, name)["consecutive_failures"] == 0, 30, message="recovered")
+    assert sorted(i["row"]["id"] for i in delivered(redis_client, name)) == list(range(1, 21))
+    wait_until(lambda: esb("status", str(server.directory)).returncode == 0, 30, message="status healthy")
+    log = server.log()
+    assert log.count(f"database unreachable: notification {name}") <= 2, log[-3000:]
+    assert f"database works again: notification {name}" in log
     engine.dispose()
