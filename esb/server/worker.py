@@ -164,6 +164,7 @@ class WorkerRuntime:
             gevent.spawn(self.watch_deploys),
             gevent.spawn(self.poll_odb),
             gevent.spawn(self.publish_metrics),
+            gevent.spawn(self.check_databases),
         ]
         self.consumer.start()
         # PERF(esb): a full collection walked every module, class and definition the worker
@@ -323,6 +324,15 @@ class WorkerRuntime:
         self._odb_retrying.succeeded()
         return ODB_POLL_S
 
+    def check_databases(self) -> None:
+        """Ping the databases services use, for status: off every request's path."""
+        while True:
+            gevent.sleep(outgoing_sql.PING_S)
+            try:
+                outgoing_sql.check_all(self.services.outgoing.sql)
+            except Exception:
+                logger.exception("worker %d: database check failed", self.pid)
+
     # -- metrics -------------------------------------------------------------------------
 
     def publish_metrics(self) -> None:
@@ -416,6 +426,7 @@ class WorkerRuntime:
             "generation_error": self.generation_error,
             "inflight": str(len(self.consumer.inflight)),
             **outgoing_amqp.heartbeat_field(self.services.outgoing.amqp),
+            **outgoing_sql.heartbeat_field(self.services.outgoing.sql),
             **channels_field(self.amqp_channels),
         }
 

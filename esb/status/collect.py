@@ -20,6 +20,7 @@ from esb.notification.status import notification_problems, notification_rows
 from esb.observe import supervision
 from esb.observe.retry import unreachable
 from esb.outgoing.amqp.status import amqp_status
+from esb.outgoing.sql import sql_status
 
 JOB_GRACE_S = 5.0
 
@@ -175,6 +176,7 @@ def collect_status(
         dispatch = _dispatch(client, keys, now)
         amqp = amqp_status(client, keys, stale_after_s, now, definitions.of("channel.amqp"))
         notifications = notification_rows(client, keys, definitions, now)
+        sql_outconns = sql_status(client, keys, stale_after_s, now)
     except RedisError as exc:
         return {
             "healthy": False,
@@ -199,6 +201,11 @@ def collect_status(
     problems.extend(_dispatch_problems(dispatch))
     problems.extend(amqp["problems"])
     problems.extend(notification_problems(notifications))
+    problems.extend(
+        f"outconn.sql {o['name']}: the database does not answer ({o['last_error']})"
+        for o in sql_outconns
+        if o["reachable"] is False
+    )
     return {
         "healthy": not problems,
         "problems": problems,
@@ -208,7 +215,7 @@ def collect_status(
         "scheduler": scheduler,
         "launcher": launcher,
         "dispatch": dispatch,
-        "outconns": {"amqp": amqp["outconns"]},
+        "outconns": {"amqp": amqp["outconns"], "sql": sql_outconns},
         "channels": {"amqp": amqp["channels"]},
         "notifications": notifications,
     }

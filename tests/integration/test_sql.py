@@ -508,3 +508,21 @@ def test_a_database_outage_shows_in_status_and_recovers_without_losing_rows(
     assert log.count(f"database unreachable: notification {name}") <= 2, log[-3000:]
     assert f"database works again: notification {name}" in log
     engine.dispose()
+
+
+def test_status_shows_each_outgoing_sql_connection_with_a_masked_url(
+    esb_server: Any, tmp_path: Path, pg_url: str
+) -> None:
+    server = esb_server(workers=1)
+    url = pg_url.replace("postgresql+psycopg://", "postgresql+psycopg://postgres:s3cret@")
+    deploy(server, tmp_path, unit_text([{"name": "db", "url": url}], []))
+    wait_until(lambda: server.post("/sqlnote/query", {"outconn": "db", "sql": "SELECT 1 AS one"}).status_code
+               == 200, 30, message="query channel deployed")
+
+    def outconn() -> dict | None:
+        rows = server.status()["outconns"]["sql"]
+        return rows[0] if rows and rows[0]["reachable"] is not None else None
+
+    row = wait_until(outconn, 30, message="outconn.sql pinged")
+    assert row["name"] == "db" and row["reachable"] is True and row["pool_size"] == 5
+    assert "s3cret" not in json.dumps(server.status()) and "***" in row["url"]

@@ -15,24 +15,39 @@ keep SQLite queries short, it is meant for tests and small setups.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import gevent
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 
+from esb.bus import parse_iso
 from esb.config.definitions import SqlOutconnDef
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SqlOutconn", "mask_url", "refresh"]
+__all__ = [
+    "HEARTBEAT_FIELD",
+    "SqlOutconn",
+    "check_all",
+    "heartbeat_field",
+    "mask_url",
+    "merge_facts",
+    "refresh",
+    "sql_status",
+]
 
 RETIRE_POLL_S = 0.5
+PING_S = 5.0  # how often a worker checks that each database it uses answers
+#: The heartbeat field under which a worker publishes its engines' facts.
+HEARTBEAT_FIELD = "outconns_sql"
 
 
 def mask_url(url: str) -> str:
@@ -79,6 +94,10 @@ class SqlOutconn:
         self._engine: Engine | None = None
         self._lock = threading.Lock()
         self.is_retired = False
+        # The last ping (check()): None until the engine was used and checked once.
+        self.reachable: bool | None = None
+        self.last_error: str | None = None
+        self.checked_at: float | None = None
 
     @property
     def engine(self) -> Engine:
@@ -106,12 +125,30 @@ class SqlOutconn:
                 session.rollback()
                 raise
 
+    def check(self) -> None:
+        """Ping the database (SELECT 1) if a service used this engine; for status, in the
+        background, never on a request's path."""
+        if self._engine is None or self.is_retired:
+            return
+        try:
+            with self._engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            orig = getattr(exc, "orig", None)
+            message = str(orig if orig is not None else exc).strip().splitlines()
+            self.reachable = False
+            self.last_error = (message[0] if message else type(exc).__name__)[:300]
+        else:
+            self.reachable = True
+        self.checked_at = time.time()
+
     def facts(self) -> dict[str, Any]:
-        """Pool facts for status: size and connections checked out (none before first use)."""
+        """Pool facts for status: size, connections checked out, the last ping's answer."""
         pool = self._engine.pool if self._engine is not None else None
         checked_out = getattr(pool, "checkedout", lambda: 0)() if pool is not None else 0
         return {"name": self.name, "url": self.url, "pool_size": self.definition.pool_size,
-                "checked_out": checked_out, "engine_made": self._engine is not None}
+                "checked_out": checked_out, "engine_made": self._engine is not None,
+                "reachable": self.reachable, "last_error": self.last_error, "checked_at": self.checked_at}
 
     def retire(self, *, wait: bool = True) -> None:
         """Dispose of the engine once every connection a request holds is back (in the
@@ -150,3 +187,53 @@ def refresh(
                         "once its connections are back", name)
             old.retire()
     return table
+
+
+def check_all(table: Mapping[str, SqlOutconn]) -> None:
+    """Ping every engine of TABLE that was used (see ``SqlOutconn.check``)."""
+    for outconn in list(table.values()):
+        outconn.check()
+
+
+def heartbeat_field(table: Mapping[str, SqlOutconn]) -> dict[str, str]:
+    """This worker's engines' facts, as one heartbeat hash field."""
+    return {HEARTBEAT_FIELD: json.dumps([outconn.facts() for outconn in table.values()])}
+
+
+def merge_facts(workers: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Per outgoing SQL connection, the facts of every live worker: connections checked out
+    summed, reachable when every worker that pinged it reached it, the last error seen."""
+    merged: dict[str, dict[str, Any]] = {}
+    for fields in workers:
+        try:
+            rows = json.loads(fields.get(HEARTBEAT_FIELD) or "[]")
+        except ValueError:
+            continue
+        for row in rows:
+            into = merged.setdefault(row["name"], {
+                "name": row["name"], "url": row["url"], "pool_size": row["pool_size"], "checked_out": 0,
+                "reachable": None, "last_error": None, "workers": [],
+            })
+            into["checked_out"] += row.get("checked_out", 0)
+            if row.get("reachable") is not None:
+                into["reachable"] = bool(row["reachable"]) and into["reachable"] is not False
+            if row.get("last_error") and row.get("reachable") is False:
+                into["last_error"] = row["last_error"]
+            into["workers"].append({"pid": int(fields.get("pid", 0)), **row})
+    return sorted(merged.values(), key=lambda row: row["name"])
+
+
+def sql_status(client: Any, keys: Any, stale_after_s: float, now: Any) -> list[dict[str, Any]]:
+    """The outgoing SQL connections of every live worker, from its heartbeat. Raises RedisError."""
+    names = sorted(client.scan_iter(match=keys.worker_heartbeat_pattern, count=500))
+    live = []
+    if names:
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.hmget(name, "pid", "last_heartbeat", HEARTBEAT_FIELD)
+        for pid, last_heartbeat, facts in pipe.execute():
+            moment = parse_iso(last_heartbeat)
+            if moment is None or (now - moment).total_seconds() >= stale_after_s:
+                continue
+            live.append({"pid": pid or "0", HEARTBEAT_FIELD: facts or "[]"})
+    return merge_facts(live)
