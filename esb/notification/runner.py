@@ -28,6 +28,7 @@ from esb.bus import Keys, utc_now_iso
 from esb.config.definitions import SqlNotificationDef
 from esb.errors import BadInput, OdbUnavailable, ServiceFailed, ServiceNotFound, Unavailable
 from esb.notification.store import NotificationRun, NotificationStore, jsonable
+from esb.observe import metrics
 from esb.observe.retry import Retrying
 from esb.outgoing.sql import SqlOutconn
 
@@ -138,6 +139,7 @@ class NotificationRunner:
             outcome, error = "failed", str(exc)[:500]
             logger.error("notification %s run %s failed: %s", name, run_id, error)
         duration_s = time.monotonic() - started
+        metrics.observe_notification(name, outcome, counts["rows"], duration_s, time.time())
         self._finish(definition, run_id, started_at, duration_s, counts["rows"], state.watermark_text,
                      outcome, error)
         return None if outcome == "ok" else error

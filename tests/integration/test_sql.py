@@ -151,6 +151,15 @@ def test_watermark_delivers_rows_sharing_a_timestamp_exactly_once(
     assert status["watermark"][1] == 520
     assert status["last_pid"] in server.worker_pids()
     assert status["next_run"]
+    series = f'esb_notification_rows_total{{notification="{name}"}} 520.0'
+
+    def scrape() -> str:
+        return server.session.get(server.url("/metrics"), headers=server.admin_headers(), timeout=10).text
+
+    wait_until(lambda: series in scrape(), 10, message="rows in /metrics")
+    text_ = scrape()
+    assert f'esb_notification_runs_total{{notification="{name}",outcome="ok"}}' in text_
+    assert f'esb_notification_last_success_timestamp_seconds{{notification="{name}"}}' in text_
 
 
 def test_plain_mode_with_after_success_marks_rows(
