@@ -36,6 +36,16 @@ logger = logging.getLogger(__name__)
 
 UTC = dt.UTC
 RUN_BUDGET_S = 30.0  # how long one run may go on with further full pages
+BACKOFF_MAX_S = 60.0
+
+
+def backoff_s(interval_s: float, consecutive_failures: int) -> float:
+    """Seconds to leave out after CONSECUTIVE_FAILURES failed runs: none after the first,
+    then one interval, then two (at most BACKOFF_MAX_S), so a failing database is asked
+    less often while a run still completes before the notification counts as stale."""
+    if consecutive_failures < 2:
+        return 0.0
+    return min(interval_s * min(2 ** (consecutive_failures - 2), 2), BACKOFF_MAX_S)
 
 
 class BatchFailed(Exception):
@@ -101,6 +111,8 @@ class NotificationRunner:
             logger.info("notification %s is no longer defined; firing ignored", name)
             return None
         if not definition.is_active:
+            return None
+        if self._backing_off(name):
             return None
         state = self.store.state(name)
         if state.paused:
@@ -253,6 +265,16 @@ class NotificationRunner:
         with outconn.begin() as conn:
             conn.execute(statement, params)
 
+    def _backing_off(self, name: str) -> bool:
+        try:
+            retry_after = float(self.client.hget(self.facts_key(name), "retry_after") or 0)
+        except Exception:  # Redis answered the firing a moment ago; a miss here only runs it
+            return False
+        if time.time() < retry_after:
+            logger.debug("notification %s backs off after failed runs; firing ignored", name)
+            return True
+        return False
+
     # -- facts ---------------------------------------------------------------------------
 
     def facts_key(self, name: str) -> str:
@@ -287,13 +309,18 @@ class NotificationRunner:
                       "last_duration_s": f"{duration_s:.3f}", "last_rows": str(rows),
                       "watermark": watermark or "", "running_since": ""}
             if outcome == "ok":
-                fields |= {"last_success": now, "consecutive_failures": "0", "last_error": ""}
+                fields |= {"last_success": now, "consecutive_failures": "0", "last_error": "",
+                           "retry_after": "0"}
             else:
                 pipe.hincrby(key, "failures", 1)
                 pipe.hincrby(key, "consecutive_failures", 1)
                 fields["last_error"] = error or ""
             pipe.hset(key, mapping=fields)
-            pipe.execute()
+            replies = pipe.execute()
+            if outcome != "ok":
+                consecutive = int(replies[3])
+                delay_s = backoff_s(definition.interval_s, consecutive)
+                self.client.hset(key, "retry_after", f"{time.time() + delay_s:.3f}")
         except Exception as exc:
             logger.warning("notification %s facts not written (%s)", name, exc)
 

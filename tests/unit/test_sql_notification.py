@@ -84,3 +84,10 @@ def test_engine_options_and_a_masked_url():
     assert options["connect_args"]["options"] == "-csearch_path=x -c statement_timeout=2500"
     assert "secret" not in mask_url(definition.url)
     assert "***" in mask_url(definition.url)
+
+
+def test_backoff_grows_after_the_second_failure_and_stays_under_staleness():
+    from esb.notification.runner import backoff_s
+
+    assert [backoff_s(10, n) for n in range(5)] == [0, 0, 10, 20, 20]
+    assert backoff_s(600, 9) == 60
