@@ -91,3 +91,45 @@ def test_backoff_grows_after_the_second_failure_and_stays_under_staleness():
 
     assert [backoff_s(10, n) for n in range(5)] == [0, 0, 10, 20, 20]
     assert backoff_s(600, 9) == 60
+
+
+def test_a_retired_engine_is_disposed_of_once_its_connections_are_back(tmp_path):
+    import gevent
+
+    from esb.outgoing import sql as outgoing_sql
+    from esb.outgoing.sql import SqlOutconn
+
+    old_def = SqlOutconnDef(name="db", url=f"sqlite:///{tmp_path / 'a.db'}")
+    table = outgoing_sql.refresh({}, {"db": old_def})
+    outconn = table["db"]
+    assert isinstance(outconn, SqlOutconn) and outconn._engine is None  # made on first use
+    conn = outconn.connect()
+    pool = outconn.engine.pool
+    same = outgoing_sql.refresh(table, {"db": old_def})
+    assert same["db"] is outconn
+    new = outgoing_sql.refresh(table, {"db": SqlOutconnDef(name="db", url=f"sqlite:///{tmp_path / 'b.db'}")})
+    assert new["db"] is not outconn and outconn.is_retired
+    gevent.sleep(outgoing_sql.RETIRE_POLL_S * 2)
+    assert outconn.engine.pool is pool  # a request still holds a connection: not disposed of
+    conn.close()
+    gevent.sleep(outgoing_sql.RETIRE_POLL_S * 2)
+    assert outconn.engine.pool is not pool  # disposed of (dispose() replaces the pool)
+
+
+def test_session_commits_on_success_and_rolls_back_on_error(tmp_path):
+    import pytest
+    from sqlalchemy import text
+
+    from esb.outgoing.sql import SqlOutconn
+
+    outconn = SqlOutconn(SqlOutconnDef(name="db", url=f"sqlite:///{tmp_path / 's.db'}"))
+    with outconn.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+    with outconn.session() as session:
+        session.execute(text("INSERT INTO t VALUES (1)"))
+    with pytest.raises(ZeroDivisionError), outconn.session() as session:
+        session.execute(text("INSERT INTO t VALUES (2)"))
+        1 / 0  # noqa: B018
+    with outconn.connect() as conn:
+        assert conn.execute(text("SELECT x FROM t")).scalars().all() == [1]
+    outconn.retire(wait=False)
