@@ -535,3 +535,35 @@ def test_status_shows_each_outgoing_sql_connection_with_a_masked_url(
     row = wait_until(outconn, 30, message="outconn.sql pinged")
     assert row["name"] == "db" and row["reachable"] is True and row["pool_size"] == 5
     assert "s3cret" not in json.dumps(server.status()) and "***" in row["url"]
+
+
+def test_kill_9_of_the_scheduler_polling_resumes_and_no_row_is_lost(
+    esb_server: Any, tmp_path: Path, redis_client: redis.Redis, sql_keys: list[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'sched.db'}"
+    engine = create_engine(url)
+    name = new_name(sql_keys)
+    table = f"t_{name}"
+    make_table(engine, table)
+    server = esb_server(workers=1)
+    deploy(server, tmp_path, unit_text(
+        [{"name": "db", "url": url}],
+        [{"name": name, "outconn": "db", "query": f"SELECT id, updated_at FROM {table}",
+          "watermark": ["id"]}],
+    ))
+    next_id = 1
+    for _ in range(2):
+        insert(engine, table, range(next_id, next_id + 10), dt.datetime(2030, 1, 1))
+        next_id += 10
+        wait_until(lambda n=next_id: len(delivered(redis_client, name)) >= n - 1, 30,
+                   message="rows delivered")
+        scheduler = server.status()["scheduler"]
+        assert scheduler["active"]
+        os.kill(scheduler["pid"], signal.SIGKILL)
+        wait_until(lambda old=scheduler["pid"]: (s := server.status()["scheduler"])["active"]
+                   and s["pid"] != old, 60, message="a new scheduler active")
+    insert(engine, table, range(next_id, next_id + 10), dt.datetime(2030, 1, 1))
+    wait_until(lambda: len(delivered(redis_client, name)) >= 30, 30, message="rows after the restarts")
+    counts = Counter(i["row"]["id"] for i in delivered(redis_client, name))
+    assert sorted(counts) == list(range(1, 31)) and max(counts.values()) == 1
+    engine.dispose()
