@@ -567,3 +567,46 @@ def test_kill_9_of_the_scheduler_polling_resumes_and_no_row_is_lost(
     counts = Counter(i["row"]["id"] for i in delivered(redis_client, name))
     assert sorted(counts) == list(range(1, 31)) and max(counts.values()) == 1
     engine.dispose()
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_200000_row_backlog_drains_without_the_worker_growing(
+    esb_server: Any, tmp_path: Path, pg_url: str, redis_client: redis.Redis, sql_keys: list[str]
+) -> None:
+    engine = create_engine(pg_url)
+    name = new_name(sql_keys)
+    table = f"t_{name}"
+    make_table(engine, table)
+    with engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO {table} (id, updated_at, body) SELECT g, TIMESTAMP '2030-01-01' "
+                          "+ (g / 1000) * INTERVAL '1 second', repeat('x', 80) "
+                          "FROM generate_series(1, 200000) g"))
+    server = esb_server(workers=1)
+    deploy(server, tmp_path, unit_text([{"name": "db", "url": pg_url}], []))
+    wait_until(lambda: server.post("/sqlnote/query", {"outconn": "db", "sql": "SELECT 1 AS one"}).status_code
+               == 200, 30, message="query channel deployed")
+    (worker,) = server.worker_pids()
+    before = rss_kb(worker)
+    deploy(server, tmp_path, unit_text(
+        [{"name": "db", "url": pg_url}],
+        [{"name": name, "outconn": "db", "query": f"SELECT id, updated_at, body FROM {table}",
+          "watermark": ["updated_at", "id"], "max_rows": 1000, "batch_size": 1000,
+          "service": "sqlnote.count"}],
+    ), with_module=False)
+    peak = before
+    deadline = time.monotonic() + 300
+    while int(redis_client.get(f"sqlnote:{name}:count") or 0) < 200000:
+        assert time.monotonic() < deadline, "backlog not drained within 300 s"
+        peak = max(peak, rss_kb(worker))
+        time.sleep(0.2)
+    peak = max(peak, rss_kb(worker))
+    assert server.worker_pids() == [worker]
+    assert int(redis_client.get(f"sqlnote:{name}:count")) == 200000
+    assert peak - before < 30 * 1024, f"worker RSS grew by {(peak - before) / 1024:.1f} MB"
+    engine.dispose()

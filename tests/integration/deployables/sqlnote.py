@@ -30,6 +30,16 @@ class Collect(Service):
             self.redis.incr(f"sqlnote:{note['name']}:empty")
 
 
+class Count(Service):
+    """Counts the rows it receives (INCRBY sqlnote:<notification>:count), keeps nothing."""
+
+    name = "sqlnote.count"
+
+    def handle(self):
+        note = self.request.notification
+        self.redis.incrby(f"sqlnote:{note['name']}:count", len(self.request.payload["rows"]))
+
+
 class Query(Service):
     """Runs {"outconn", "sql", "params"} and answers the rows; "session": through session()."""
 
