@@ -30,9 +30,12 @@ from esb.errors import BadInput, OdbUnavailable, ServiceFailed, ServiceNotFound,
 from esb.notification.store import NotificationRun, NotificationStore, jsonable
 from esb.observe import metrics
 from esb.observe.retry import Retrying
-from esb.outgoing.sql import SqlOutconn
 
 logger = logging.getLogger(__name__)
+
+# esb.outgoing.sql.SqlOutconn: an Engine (connect(), begin()). Named, not imported:
+# notifications sit below outgoing and the scheduler in the layers (docs/architecture.md).
+SqlOutconn = Any
 
 UTC = dt.UTC
 RUN_BUDGET_S = 30.0  # how long one run may go on with further full pages
