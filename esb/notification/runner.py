@@ -208,28 +208,36 @@ class NotificationRunner:
         delivered_any = False
         while True:
             page = 0
-            with outconn.connect() as conn:
-                result = conn.execution_options(stream_results=True, yield_per=definition.batch_size).execute(
-                    text(definition.query), dict(definition.params)
-                )
-                try:
-                    for partition in result.partitions(definition.batch_size):
-                        rows = [dict(row._mapping) for row in partition][: definition.max_rows - page]
-                        self._deliver(definition, outconn, run_id, rows, after=None)
-                        delivered_any = True
-                        page += len(rows)
-                        counts["rows"] += len(rows)
-                        if page >= definition.max_rows:
-                            break
-                finally:
-                    result.close()
+            # after_success runs once the page's cursor is closed: SQLite lets no writer
+            # commit while a reader's cursor is open (at least once all the same).
+            marks: list[list[dict[str, Any]]] = []
+            try:
+                with outconn.connect() as conn:
+                    result = conn.execution_options(
+                        stream_results=True, yield_per=definition.batch_size
+                    ).execute(text(definition.query), dict(definition.params))
+                    try:
+                        for partition in result.partitions(definition.batch_size):
+                            rows = [dict(row._mapping) for row in partition][: definition.max_rows - page]
+                            self._deliver(definition, outconn, run_id, rows, after=None, marks=marks)
+                            delivered_any = True
+                            page += len(rows)
+                            counts["rows"] += len(rows)
+                            if page >= definition.max_rows:
+                                break
+                    finally:
+                        result.close()
+            finally:
+                for rows in marks:
+                    self._after_success(definition, outconn, rows)
             if page < definition.max_rows or not definition.after_success or time.monotonic() > deadline:
                 break
         if not delivered_any and definition.call_when_empty:
             self._deliver(definition, outconn, run_id, [], after=None)
 
     def _deliver(self, definition: SqlNotificationDef, outconn: SqlOutconn, run_id: str,
-                 rows: list[dict[str, Any]], *, after: list[Any] | None) -> None:
+                 rows: list[dict[str, Any]], *, after: list[Any] | None,
+                 marks: list[list[dict[str, Any]]] | None = None) -> None:
         """One service call; on success after_success and the watermark. A failure raises
         BatchFailed, unless the batch reached max_attempts: then it is dead-lettered and
         the run goes on past it."""
@@ -242,7 +250,7 @@ class NotificationRunner:
             attempts = self.store.count_failure(definition.name)
             if definition.max_attempts is not None and attempts >= definition.max_attempts:
                 if rows:
-                    self._after_success(definition, outconn, rows)
+                    self._mark(definition, outconn, rows, marks)
                 self.store.give_up(definition.name, run_id, shown, error, attempts, after)
                 logger.error("notification %s: a batch of %d rows failed %d times and went to the dead "
                              "letters (%s); see 'esb notifications DIR --failed'", definition.name,
@@ -250,9 +258,16 @@ class NotificationRunner:
                 return
             raise BatchFailed(f"service {definition.service} failed (attempt {attempts}): {error}") from None
         if rows:
-            self._after_success(definition, outconn, rows)
+            self._mark(definition, outconn, rows, marks)
         if after is not None or definition.max_attempts is not None:
             self.store.advance(definition.name, after)
+
+    def _mark(self, definition: SqlNotificationDef, outconn: SqlOutconn, rows: list[dict[str, Any]],
+              marks: list[list[dict[str, Any]]] | None) -> None:
+        if marks is None:
+            self._after_success(definition, outconn, rows)
+        elif definition.after_success:
+            marks.append(rows)
 
     @staticmethod
     def _after_success(

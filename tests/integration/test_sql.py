@@ -163,9 +163,9 @@ def test_watermark_delivers_rows_sharing_a_timestamp_exactly_once(
 
 
 def test_plain_mode_with_after_success_marks_rows(
-    esb_server: Any, tmp_path: Path, pg_url: str, redis_client: redis.Redis, sql_keys: list[str]
+    esb_server: Any, tmp_path: Path, db: tuple[str, Engine], redis_client: redis.Redis, sql_keys: list[str]
 ) -> None:
-    engine = create_engine(pg_url)
+    pg_url, engine = db
     name = new_name(sql_keys)
     table = f"t_{name}"
     make_table(engine, table)
@@ -183,7 +183,6 @@ def test_plain_mode_with_after_success_marks_rows(
                    10, message="every row marked")
     assert sorted(item["row"]["id"] for item in delivered(redis_client, name)) == list(range(1, 51))
     assert {item["mode"] for item in delivered(redis_client, name)} == {"plain"}
-    engine.dispose()
 
 
 # -- failures ------------------------------------------------------------------------------
