@@ -34,6 +34,7 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/scheduler_bench.py
+	$(BIN)/python bench/sql_notification_bench.py
 
 config-example: venv
 	$(BIN)/esb config-example > server.conf.example

@@ -21,6 +21,7 @@ COMMANDS = {
     "stop": "esb.cli.stop",
     "status": "esb.cli.status",
     "jobs": "esb.cli.jobs",
+    "notifications": "esb.cli.notifications",
     "deploy": "esb.cli.deploy",
     "undeploy": "esb.cli.undeploy",
     "invoke": "esb.cli.invoke",

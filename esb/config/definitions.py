@@ -82,10 +82,14 @@ class JobDef:
 @dataclass(frozen=True)
 class SqlOutconnDef:
     name: str
-    url: str
+    url: str  # the password may be $ENV{...}; shown masked everywhere
     pool_size: int = 5
     max_overflow: int = 0
     pool_timeout_s: float = 10.0
+    recycle_s: float = 1800.0  # connections older than this are replaced (-1: never)
+    pre_ping: bool = True
+    connect_args: dict = field(default_factory=dict)
+    statement_timeout_s: float | None = None  # PostgreSQL: -c statement_timeout
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,20 @@ class SqlNotificationDef:
     query: str
     service: str
     interval_s: float = field(default=5.0, metadata={"old_name": "interval"})
+    params: dict = field(default_factory=dict)
+    max_rows: int = 1000  # rows one page reads at most; a full page goes on with the next
+    batch_size: int = 100  # rows per service call
+    is_active: bool = True
+    # Columns of the query's result that order it; empty: plain mode.
+    watermark: tuple[str, ...] = ()
+    lag_s: float = 0.0  # watermark mode: leave out rows newer than now minus lag_s
+    after_success: str | None = None  # run per delivered batch with :ids bound
+    call_when_empty: bool = False
+    max_attempts: int | None = None  # a batch failing this often goes to the dead letters
+
+    @property
+    def mode(self) -> str:
+        return "watermark" if self.watermark else "plain"
 
 
 @dataclass(frozen=True)
@@ -387,13 +405,40 @@ def _check_amqp_channel(obj: AmqpChannelDef, file: str, where: str) -> None:
     _need(obj.declare in (None, "classic", "quorum"), file, f"{where}.declare", "must be classic or quorum")
 
 
+def _check_sql_outconn(obj: SqlOutconnDef, file: str, where: str) -> None:
+    _check_name(obj, file, where)
+    _need("://" in obj.url, file, f"{where}.url", "must be an SQLAlchemy URL such as postgresql+psycopg://...")
+    _need(obj.pool_size > 0, file, f"{where}.pool_size", "must be positive")
+    _need(obj.max_overflow >= 0, file, f"{where}.max_overflow", "must not be negative")
+    _need(obj.pool_timeout_s > 0, file, f"{where}.pool_timeout_s", "must be positive")
+    if obj.statement_timeout_s is not None:
+        _need(obj.statement_timeout_s > 0, file, f"{where}.statement_timeout_s", "must be positive")
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_sql_notification(obj: SqlNotificationDef, file: str, where: str) -> None:
+    _check_name(obj, file, where)
+    _need(obj.interval_s > 0, file, f"{where}.interval_s", "must be positive")
+    _need(obj.max_rows > 0, file, f"{where}.max_rows", "must be positive")
+    _need(obj.batch_size > 0, file, f"{where}.batch_size", "must be positive")
+    _need(obj.lag_s >= 0, file, f"{where}.lag_s", "must not be negative")
+    _need(bool(obj.query.strip()), file, f"{where}.query", "must not be empty")
+    for column in obj.watermark:
+        _need(bool(_IDENTIFIER.match(column)), file, f"{where}.watermark",
+              f"{column!r} is not a plain column name of the query's result")
+    if obj.max_attempts is not None:
+        _need(obj.max_attempts >= 1, file, f"{where}.max_attempts", "must be at least 1")
+
+
 _CHECKS = {
     HttpChannelDef: _check_channel,
     BasicAuthDef: _check_name,
     ApiKeyDef: _check_name,
     JobDef: _check_job,
-    SqlOutconnDef: _check_positive("pool_size"),
-    SqlNotificationDef: _check_positive("interval_s"),
+    SqlOutconnDef: _check_sql_outconn,
+    SqlNotificationDef: _check_sql_notification,
     AmqpOutconnDef: _check_amqp_outconn,
     AmqpChannelDef: _check_amqp_channel,
 }

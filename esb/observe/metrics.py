@@ -60,6 +60,11 @@ dispatch_runs: Counter[str] = Counter()  # "ok" / "error"
 # (kind, name, outcome): ("outconn.amqp", name, "confirmed" / "nacked" / "returned" / "error"),
 # ("channel.amqp", name, "handled" / "failed" / "dead_lettered")
 amqp_messages: Counter[tuple[str, str, str]] = Counter()
+# SQL notifications: runs by (name, outcome), rows by name, run durations, last success.
+notification_runs: Counter[tuple[str, str]] = Counter()
+notification_rows: Counter[str] = Counter()
+notification_seconds: dict[str, list[float]] = {}
+notification_last_success: dict[str, float] = {}  # name -> time.time()
 dispatch_delay = new_tally(DELAY_BUCKETS)
 firing_delay = new_tally(DELAY_BUCKETS)
 
@@ -72,6 +77,19 @@ def observe_dispatch_delay(seconds: float) -> None:
 def observe_firing_delay(seconds: float) -> None:
     firing_delay[bisect_left(DELAY_BUCKETS, seconds)] += 1
     firing_delay[-1] += seconds
+
+
+def observe_notification(name: str, outcome: str, rows: int, seconds: float, now: float) -> None:
+    """One run of SQL notification NAME (off the request path: once a run)."""
+    notification_runs[(name, outcome)] += 1
+    notification_rows[name] += rows
+    tally = notification_seconds.get(name)
+    if tally is None:
+        tally = notification_seconds[name] = new_tally(DELAY_BUCKETS)
+    tally[bisect_left(DELAY_BUCKETS, seconds)] += 1
+    tally[-1] += seconds
+    if outcome == "ok":
+        notification_last_success[name] = now
 
 
 def observe_service(name: str, seconds: float) -> None:
@@ -192,6 +210,28 @@ class Publisher:
             ["kind", "name", "outcome"],
             registry=None,
         )
+        self.notification_runs = PromCounter(
+            "esb_notification_runs", "SQL notification runs, by outcome.", ["notification", "outcome"],
+            registry=None,
+        )
+        self.notification_rows = PromCounter(
+            "esb_notification_rows", "Rows SQL notifications delivered.", ["notification"], registry=None
+        )
+        self.notification_seconds = Histogram(
+            "esb_notification_run_duration_seconds",
+            "Duration of SQL notification runs.",
+            ["notification"],
+            buckets=DELAY_BUCKETS,
+            registry=None,
+        )
+        # Seconds since the last successful run: time() - this (the newest of this server's workers).
+        self.notification_last_success = Gauge(
+            "esb_notification_last_success_timestamp_seconds",
+            "When an SQL notification last ran successfully on this server (Unix time).",
+            ["notification"],
+            multiprocess_mode="max",
+            registry=None,
+        )
         self.workers = Gauge(
             "esb_workers", "Workers of this server running.", multiprocess_mode="livesum", registry=None
         )
@@ -205,6 +245,7 @@ class Publisher:
         amqp_messages.clear()
         for labels, count in amqp.items():
             self.amqp_messages.labels(*labels).inc(count)
+        self._flush_notifications()
         for channel, tally in requests.items():
             self.http_requests.labels(channel).inc(sum(tally[:-1]))
             _add(self.request_seconds.labels(channel), tally)
@@ -216,6 +257,23 @@ class Publisher:
             _add(self.service_seconds.labels(service), tally)
         _add(self.dispatch_delay, delays[0])
         _add(self.firing_delay, delays[1])
+
+
+    def _flush_notifications(self) -> None:
+        runs, rows = dict(notification_runs), dict(notification_rows)
+        seconds, success = dict(notification_seconds), dict(notification_last_success)
+        notification_runs.clear()
+        notification_rows.clear()
+        notification_seconds.clear()
+        notification_last_success.clear()
+        for (name, outcome), count in runs.items():
+            self.notification_runs.labels(name, outcome).inc(count)
+        for name, count in rows.items():
+            self.notification_rows.labels(name).inc(count)
+        for name, tally in seconds.items():
+            _add(self.notification_seconds.labels(name), tally)
+        for name, moment in success.items():
+            self.notification_last_success.labels(name).set(moment)
 
 
 def _take_counts() -> tuple[
@@ -265,6 +323,7 @@ __all__ = [
     "empty_directory",
     "observe_dispatch_delay",
     "observe_firing_delay",
+    "observe_notification",
     "observe_service",
     "process_dead",
     "render",

@@ -25,6 +25,7 @@ from esb.bus.jobstate import Adopted, JobState, iso
 from esb.config import JobDef, merge_units
 from esb.config.schedule import make_trigger, schedule_signature
 from esb.errors import ConfigError
+from esb.notification import notification_jobs
 from esb.odb import UNIT, OdbStore
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ class JobTable:
                          "firing", generation, exc)
             self.generation = generation
             return False
-        self.sync(dict(definitions.jobs), generation)
+        # SQL notifications are fired like jobs (esb.notification).
+        self.sync({**definitions.jobs, **notification_jobs(definitions)}, generation)
         return True
 
     def sync(self, jobs: Mapping[str, JobDef], generation: int) -> None:

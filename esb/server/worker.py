@@ -45,11 +45,15 @@ from esb.errors import (
     ServiceNotFound,
     Unavailable,
 )
+from esb.notification import NOTIFICATION_SERVICE
+from esb.notification.runner import NotificationRunner
+from esb.notification.store import NotificationStore
 from esb.observe import metrics
 from esb.observe.blocking import start_block_monitor
 from esb.observe.retry import Retrying
 from esb.odb import MODULE, UNIT, OdbStore
 from esb.outgoing import amqp as outgoing_amqp
+from esb.outgoing import sql as outgoing_sql
 from esb.outgoing.amqp.consumer import AmqpChannel, channels_field, refresh_channels
 from esb.server.consumer import DispatchConsumer, consumer_name
 from esb.server.http import compile_channels, make_app
@@ -128,6 +132,16 @@ class WorkerRuntime:
         self._greenlets: list[gevent.Greenlet] = []
         self._odb_retrying = Retrying(logger, f"reload of worker {self.pid}", service="ODB")
         self.amqp_channels: dict[str, AmqpChannel] = {}
+        self.notifications = NotificationRunner(
+            store=NotificationStore(self.odb.engine),
+            call=self.services.run,
+            outconns=lambda: self.services.outgoing.sql,
+            definitions=lambda: self.definitions.of("notification.sql"),
+            client=self.loop_redis,
+            keys=self.keys,
+            host=self.host,
+            pid=self.pid,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -151,6 +165,7 @@ class WorkerRuntime:
             gevent.spawn(self.watch_deploys),
             gevent.spawn(self.poll_odb),
             gevent.spawn(self.publish_metrics),
+            gevent.spawn(self.check_databases),
         ]
         self.consumer.start()
         # PERF(esb): a full collection walked every module, class and definition the worker
@@ -186,6 +201,8 @@ class WorkerRuntime:
         self.heartbeat.stop()
         for outconn in self.services.outgoing.amqp.values():
             outconn.retire()
+        for engine in self.services.outgoing.sql.values():
+            engine.retire(wait=False)
 
     # -- state -------------------------------------------------------------------------
 
@@ -266,6 +283,7 @@ class WorkerRuntime:
         self.sink.table = compile_channels(definitions)
         outgoing = self.services.outgoing
         outgoing.amqp = outgoing_amqp.refresh(outgoing.amqp, definitions.of("outconn.amqp"))
+        outgoing.sql = outgoing_sql.refresh(outgoing.sql, definitions.of("outconn.sql"))
         self.amqp_channels = refresh_channels(
             self.amqp_channels,
             definitions,
@@ -307,6 +325,15 @@ class WorkerRuntime:
         self._odb_retrying.succeeded()
         return ODB_POLL_S
 
+    def check_databases(self) -> None:
+        """Ping the databases services use, for status: off every request's path."""
+        while True:
+            gevent.sleep(outgoing_sql.PING_S)
+            try:
+                outgoing_sql.check_all(self.services.outgoing.sql)
+            except Exception:
+                logger.exception("worker %d: database check failed", self.pid)
+
     # -- metrics -------------------------------------------------------------------------
 
     def publish_metrics(self) -> None:
@@ -341,6 +368,9 @@ class WorkerRuntime:
         """
         job = JobInfo(**message.job) if message.job else None
         self._observe_delays(message, job)
+        if message.service == NOTIFICATION_SERVICE and job is not None:
+            # An SQL notification's firing: the runner records its own outcome.
+            return self.notifications.run(str((message.payload or {}).get("notification", "")))
         try:
             self.services.run(message.service, message.payload, cid=message.cid, job=job)
         except ServiceFailed as exc:  # already logged once, with the service and the cid
@@ -399,6 +429,7 @@ class WorkerRuntime:
             "services": json.dumps(sorted(self.store.services)),
             "inflight": str(len(self.consumer.inflight)),
             **outgoing_amqp.heartbeat_field(self.services.outgoing.amqp),
+            **outgoing_sql.heartbeat_field(self.services.outgoing.sql),
             **channels_field(self.amqp_channels),
         }
 

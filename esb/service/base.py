@@ -79,6 +79,8 @@ class Request:
     http: HttpInfo | None = None
     job: JobInfo | None = None
     amqp: AmqpInfo | None = None
+    # For an SQL notification's call: {"name", "run_id", "mode"}; otherwise None.
+    notification: dict | None = None
 
 
 @dataclass

@@ -46,7 +46,7 @@ class ServiceRuntime:
         self.redis = client
         self.keys = keys
         self.max_backlog = max_backlog
-        self.outgoing = Munch(amqp={})
+        self.outgoing = Munch(amqp={}, sql={})
         # Set by gunicorn's worker_abort hook: the SystemExit it raises next, wherever the
         # signal lands, is the arbiter's, not a service's, and must end the worker.
         self.is_aborting = False
@@ -60,6 +60,7 @@ class ServiceRuntime:
         http: HttpInfo | None = None,
         job: JobInfo | None = None,
         amqp: AmqpInfo | None = None,
+        notification: dict | None = None,
     ) -> Response:
         """Run service NAME as the outermost call of a request or message.
 
@@ -72,7 +73,9 @@ class ServiceRuntime:
         """
         cls = self._service_class(name)
         try:
-            return self._handle(cls, name, payload, cid, http, job, max_depth=None, amqp=amqp)
+            return self._handle(
+                cls, name, payload, cid, http, job, max_depth=None, amqp=amqp, notification=notification
+            )
         except (*PASS_THROUGH, Unavailable):
             raise
         except BadInput as exc:
@@ -128,10 +131,18 @@ class ServiceRuntime:
         job: JobInfo | None,
         max_depth: int | None,
         amqp: AmqpInfo | None = None,
+        notification: dict | None = None,
     ) -> Response:
         """One call of a service: tracked for the log and the loop monitor, and timed."""
         service = cls(
-            self, Request(payload={} if payload is None else payload, http=http, job=job, amqp=amqp), cid
+            self, Request(
+                payload={} if payload is None else payload,
+                http=http,
+                job=job,
+                amqp=amqp,
+                notification=notification,
+            ),
+            cid,
         )
         started = perf_counter()
         try:

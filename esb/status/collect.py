@@ -24,10 +24,12 @@ from esb.bus.jobstate import JobFacts, read_job_facts
 from esb.config import Definitions, JobDef, ServerConfig
 from esb.deploy.generations import DeployFacts, read_deploy_facts
 from esb.errors import OdbUnavailable
+from esb.notification.status import notification_problems, notification_rows
 from esb.observe import supervision
 from esb.observe.retry import unreachable
 from esb.odb import OdbStore, RejectedDeployment
 from esb.outgoing.amqp.status import amqp_status
+from esb.outgoing.sql import sql_status
 
 JOB_GRACE_S = 5.0
 # A worker polls the ODB every few seconds: this long on another generation is a problem.
@@ -264,6 +266,8 @@ def collect_status(
         scheduler = _scheduler(client, keys, definitions, stale_after_s, now)
         dispatch = _dispatch(client, keys, now)
         amqp = amqp_status(client, keys, stale_after_s, now, definitions.of("channel.amqp"))
+        notifications = notification_rows(client, keys, definitions, now)
+        sql_outconns = sql_status(client, keys, stale_after_s, now)
     except RedisError as exc:
         return {
             "healthy": False,
@@ -276,6 +280,7 @@ def collect_status(
             "launcher": launcher,
             "dispatch": None,
             "channels": {"amqp": []},
+            "notifications": [],
         }
     problems = []
     if not any(w["alive"] for w in workers):
@@ -307,6 +312,12 @@ def collect_status(
     problems.extend(supervision.problems(launcher))
     problems.extend(_dispatch_problems(dispatch))
     problems.extend(amqp["problems"])
+    problems.extend(notification_problems(notifications))
+    problems.extend(
+        f"outconn.sql {o['name']}: the database does not answer ({o['last_error']})"
+        for o in sql_outconns
+        if o["reachable"] is False
+    )
     return {
         "healthy": not problems,
         "problems": problems,
@@ -317,6 +328,7 @@ def collect_status(
         "launcher": launcher,
         "dispatch": dispatch,
         "deploy": deploy,
-        "outconns": {"amqp": amqp["outconns"]},
+        "outconns": {"amqp": amqp["outconns"], "sql": sql_outconns},
         "channels": {"amqp": amqp["channels"]},
+        "notifications": notifications,
     }

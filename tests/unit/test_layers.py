@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"observe"},
     {"config"},
     {"bus", "odb", "security"},
-    {"service"},
+    {"service", "notification"},
     {"deploy", "outgoing", "scheduler"},
     {"status"},
     {"server", "launcher"},

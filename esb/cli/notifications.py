@@ -1,0 +1,121 @@
+"""`esb notifications DIR [--failed] [--json]` and `esb notifications DIR pause|resume|run NAME`.
+
+Without an action: every SQL notification with its liveness (the rows of ``esb status``).
+``--failed``: the batches given up on after ``max_attempts`` (the ODB's dead letters).
+``pause``/``resume`` set the operator's pause in the ODB (and in the facts status reads);
+a paused notification's firings end at once. ``run`` asks the active scheduler to fire it now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from esb.bus import Keys, make_redis
+from esb.cli.common import BAD_CONFIG, FAILURE, OK, load_or_exit, print_json
+from esb.config import merge_units
+from esb.errors import BusUnavailable, ConfigError, OdbUnavailable
+from esb.notification import job_name
+from esb.notification.runner import notification_key
+from esb.notification.status import notification_rows
+from esb.notification.store import NotificationStore
+from esb.odb import UNIT, OdbStore
+from esb.scheduler import request_run
+
+COLUMNS = ("name", "active", "mode", "last_run", "last_outcome", "runs", "rows", "failures",
+           "consecutive_failures", "next_run", "stale")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "notifications", help="list SQL notifications, their dead letters, or pause/resume/run one",
+        description="Without an action, list every SQL notification with its last run and whether "
+                    "it is stale or failing. --failed lists the batches given up on.",
+    )
+    p.add_argument("directory")
+    p.add_argument("action", nargs="?", choices=["pause", "resume", "run"])
+    p.add_argument("name", nargs="?", help="the notification")
+    p.add_argument("--failed", action="store_true", help="list the dead-lettered batches")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action and not args.name:
+        print(f"esb notifications: '{args.action}' needs a name: esb notifications DIR "
+              f"{args.action} NAME", file=sys.stderr)
+        return BAD_CONFIG
+    config = load_or_exit(args.directory)
+    client = make_redis(config.redis_url, socket_timeout_s=3.0, retries=1)
+    keys = Keys(config.main.cluster)
+    odb = OdbStore(config.odb_url)
+    try:
+        units = odb.current(UNIT)
+        definitions = merge_units([(u.name, u.content) for u in units], environ=None)
+        notes = definitions.of("notification.sql")
+        if args.action and args.name not in notes:
+            print(f"esb notifications: no notification named {args.name!r}", file=sys.stderr)
+            return FAILURE
+        store = NotificationStore(odb.engine)
+        if args.action in ("pause", "resume"):
+            paused = args.action == "pause"
+            store.set_paused(args.name, paused)
+            client.hset(notification_key(keys, args.name), "paused", "1" if paused else "0")
+            print(f"notification {args.name}: {'paused' if paused else 'resumed'}")
+            return OK
+        if args.action == "run":
+            reply = request_run(client, keys, job_name(args.name))
+            if reply.outcome == "dispatched":
+                print(f"notification {args.name}: run {reply.firing_id} dispatched")
+                return OK
+            print(f"notification {args.name}: not run ({reply.outcome}): {reply.detail}", file=sys.stderr)
+            return FAILURE
+        if args.failed:
+            dead = store.dead_letters(args.name)
+            if args.json:
+                print_json(dead)
+            else:
+                for item in dead:
+                    print(f"{item['created_at']}  {item['name']}  {len(item['rows'])} rows  "
+                          f"{item['attempts']} attempts  {item['error']}")
+                if not dead:
+                    print("(no dead-lettered batches)")
+            return OK
+        rows = notification_rows(client, keys, definitions)
+    except (OdbUnavailable, ConfigError) as exc:
+        print(f"esb notifications: cannot read the ODB: {exc}", file=sys.stderr)
+        return FAILURE
+    except (RedisError, BusUnavailable) as exc:
+        print(f"esb notifications: Redis unreachable: {exc}", file=sys.stderr)
+        return FAILURE
+    finally:
+        odb.dispose()
+    if args.json:
+        print_json(rows)
+    else:
+        print(render_table(rows))
+    return OK
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    def cell(row: dict[str, Any], column: str) -> str:
+        value = row.get(column)
+        if value is None:
+            return "-"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return str(value)
+
+    header = [c.upper().replace("CONSECUTIVE_FAILURES", "IN A ROW").replace("_", " ") for c in COLUMNS]
+    table = [header] + [[cell(row, c) for c in COLUMNS] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    for row in rows:
+        if row.get("last_error"):
+            lines.append(f"{row['name']}: {row['last_error']}")
+    if not rows:
+        lines.append("(no notifications defined)")
+    return "\n".join(lines)

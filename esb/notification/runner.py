@@ -1,0 +1,348 @@
+"""One run of an SQL notification, in the worker that took its firing.
+
+Watermark mode reads a batch at a time with esb's own keyset query::
+
+    SELECT * FROM (<query>) AS esb_q WHERE (a, b) > (:a, :b) ORDER BY a, b LIMIT :n
+
+so no cursor stays open while the service runs, rows sharing a timestamp are neither
+skipped nor repeated, and the watermark (ODB) moves only past a batch whose service call
+succeeded. Plain mode streams the query's rows (``stream_results``) and hands them over in
+batches. A run reads at most ``max_rows``; a full page goes on with the next one while the
+run's time budget lasts. Delivery is at least once: a worker killed between a service
+call and the watermark's commit delivers that batch again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from esb.bus import Keys, utc_now_iso
+from esb.config.definitions import SqlNotificationDef
+from esb.errors import BadInput, OdbUnavailable, ServiceFailed, ServiceNotFound, Unavailable
+from esb.notification.store import NotificationRun, NotificationStore, jsonable
+from esb.observe import metrics
+from esb.observe.retry import Retrying
+
+logger = logging.getLogger(__name__)
+
+# esb.outgoing.sql.SqlOutconn: an Engine (connect(), begin()). Named, not imported:
+# notifications sit below outgoing and the scheduler in the layers (docs/architecture.md).
+SqlOutconn = Any
+
+UTC = dt.UTC
+RUN_BUDGET_S = 30.0  # how long one run may go on with further full pages
+BACKOFF_MAX_S = 60.0
+
+
+def backoff_s(interval_s: float, consecutive_failures: int) -> float:
+    """Seconds to leave out after CONSECUTIVE_FAILURES failed runs: none after the first,
+    then one interval, then two (at most BACKOFF_MAX_S), so a failing database is asked
+    less often while a run still completes before the notification counts as stale."""
+    if consecutive_failures < 2:
+        return 0.0
+    return min(interval_s * min(2 ** (consecutive_failures - 2), 2), BACKOFF_MAX_S)
+
+
+class BatchFailed(Exception):
+    """The service failed on a batch that is to be retried in a later run."""
+
+
+def db_message(exc: BaseException) -> str:
+    """The database's own words for EXC, without SQLAlchemy's wrapping and SQL echo."""
+    orig = getattr(exc, "orig", None)
+    message = str(orig) if orig is not None else str(exc)
+    return message.strip().splitlines()[0][:500] if message.strip() else type(exc).__name__
+
+
+def watermark_query(definition: SqlNotificationDef, has_watermark: bool) -> str:
+    """The user's query wrapped with esb's ordering, keyset condition, lag and limit."""
+    columns = definition.watermark
+    conditions = []
+    if has_watermark:
+        if len(columns) == 1:
+            conditions.append(f"{columns[0]} > :esb_wm_0")
+        else:
+            marks = ", ".join(f":esb_wm_{i}" for i in range(len(columns)))
+            conditions.append(f"({', '.join(columns)}) > ({marks})")
+    if definition.lag_s > 0:
+        conditions.append(f"{columns[0]} <= :esb_lag_until")
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    query = definition.query.strip().rstrip(";")
+    return f"SELECT * FROM ({query}) AS esb_q{where} ORDER BY {', '.join(columns)} LIMIT :esb_limit"
+
+
+class NotificationRunner:
+    """Runs notifications for one worker; facts go to Redis (status), runs to the ODB."""
+
+    def __init__(
+        self,
+        *,
+        store: NotificationStore,
+        call: Callable[..., Any],
+        outconns: Callable[[], Mapping[str, SqlOutconn]],
+        definitions: Callable[[], Mapping[str, SqlNotificationDef]],
+        client: Any,
+        keys: Keys,
+        host: str,
+        pid: int,
+    ):
+        self.store = store
+        self.call = call  # ServiceRuntime.run
+        self.outconns = outconns
+        self.definitions = definitions
+        self.client = client
+        self.keys = keys
+        self.host = host
+        self.pid = pid
+        self._retrying: dict[str, Retrying] = {}
+        self._db_errors: dict[str, str] = {}  # the database's last message, per notification
+
+    # -- one run -------------------------------------------------------------------------
+
+    def run(self, name: str) -> str | None:
+        """Run notification NAME once; answers the error that failed the run, or None."""
+        definition = self.definitions().get(name)
+        if definition is None:
+            logger.info("notification %s is no longer defined; firing ignored", name)
+            return None
+        if not definition.is_active:
+            return None
+        if self._backing_off(name):
+            return None
+        state = self.store.state(name)
+        if state.paused:
+            logger.debug("notification %s is paused; firing ignored", name)
+            return None
+        run_id = uuid.uuid4().hex[:12]
+        started_at = dt.datetime.now(UTC)
+        started = time.monotonic()
+        self._facts(name, {"last_host": self.host, "last_pid": str(self.pid), "running_since": utc_now_iso()})
+        counts = {"rows": 0}
+        error: str | None = None
+        outcome = "ok"
+        retrying = self._retrying.setdefault(
+            name, Retrying(logger, f"notification {name}", service="database")
+        )
+        try:
+            outconn = self.outconns().get(definition.outconn)
+            if outconn is None:
+                raise LookupError(f"no outconn.sql named {definition.outconn!r} on this worker")
+            if definition.watermark:
+                self._run_watermark(definition, outconn, run_id, state.watermark, counts)
+            else:
+                self._run_plain(definition, outconn, run_id, counts)
+            retrying.succeeded()
+            self._db_errors.pop(name, None)
+        except BatchFailed as exc:
+            outcome, error = "failed", str(exc)
+            retrying.succeeded()  # the database answered; the service failed
+        except SQLAlchemyError as exc:
+            outcome, error = "failed", db_message(exc)
+            if self._db_errors.get(name) != error:
+                retrying.failures = 0  # a new kind of failure is logged again
+            self._db_errors[name] = error
+            retrying.failed(exc)
+        except (OdbUnavailable, LookupError) as exc:
+            outcome, error = "failed", str(exc)[:500]
+            logger.error("notification %s run %s failed: %s", name, run_id, error)
+        duration_s = time.monotonic() - started
+        metrics.observe_notification(name, outcome, counts["rows"], duration_s, time.time())
+        self._finish(definition, run_id, started_at, duration_s, counts["rows"], state.watermark_text,
+                     outcome, error)
+        return None if outcome == "ok" else error
+
+    def _run_watermark(self, definition: SqlNotificationDef, outconn: SqlOutconn, run_id: str,
+                       watermark: list[Any] | None, counts: dict[str, int]) -> None:
+        deadline = time.monotonic() + max(RUN_BUDGET_S, definition.interval_s)
+        delivered_any = False
+        while True:
+            page = 0
+            while page < definition.max_rows:
+                limit = min(definition.batch_size, definition.max_rows - page)
+                rows = self._read_keyset(definition, outconn, watermark, limit)
+                if not rows:
+                    break
+                last = [rows[-1][column] for column in definition.watermark]
+                self._deliver(definition, outconn, run_id, rows, after=last)
+                delivered_any = True
+                watermark = last
+                page += len(rows)
+                counts["rows"] += len(rows)
+                if len(rows) < limit:
+                    break
+            if page < definition.max_rows or time.monotonic() > deadline:
+                break
+        if not delivered_any and definition.call_when_empty:
+            self._deliver(definition, outconn, run_id, [], after=None)
+
+    def _read_keyset(self, definition: SqlNotificationDef, outconn: SqlOutconn,
+                     watermark: list[Any] | None, limit: int) -> list[dict[str, Any]]:
+        params = dict(definition.params)
+        if watermark is not None:
+            params |= {f"esb_wm_{i}": value for i, value in enumerate(watermark)}
+        if definition.lag_s > 0:
+            params["esb_lag_until"] = dt.datetime.now(UTC) - dt.timedelta(seconds=definition.lag_s)
+        params["esb_limit"] = limit
+        statement = text(watermark_query(definition, watermark is not None))
+        with outconn.connect() as conn:
+            result = conn.execute(statement, params)
+            rows = [dict(row._mapping) for row in result]
+        missing = [c for c in definition.watermark if rows and c not in rows[0]]
+        if missing:
+            raise LookupError(f"watermark column(s) {', '.join(missing)} missing from the query's result")
+        return rows
+
+    def _run_plain(self, definition: SqlNotificationDef, outconn: SqlOutconn, run_id: str,
+                   counts: dict[str, int]) -> None:
+        # Further pages only when esb marks what it delivered (after_success): otherwise
+        # the same rows would come back within the run.
+        deadline = time.monotonic() + max(RUN_BUDGET_S, definition.interval_s)
+        delivered_any = False
+        while True:
+            page = 0
+            # after_success runs once the page's cursor is closed: SQLite lets no writer
+            # commit while a reader's cursor is open (at least once all the same).
+            marks: list[list[dict[str, Any]]] = []
+            try:
+                with outconn.connect() as conn:
+                    result = conn.execution_options(
+                        stream_results=True, yield_per=definition.batch_size
+                    ).execute(text(definition.query), dict(definition.params))
+                    try:
+                        for partition in result.partitions(definition.batch_size):
+                            rows = [dict(row._mapping) for row in partition][: definition.max_rows - page]
+                            self._deliver(definition, outconn, run_id, rows, after=None, marks=marks)
+                            delivered_any = True
+                            page += len(rows)
+                            counts["rows"] += len(rows)
+                            if page >= definition.max_rows:
+                                break
+                    finally:
+                        result.close()
+            finally:
+                for rows in marks:
+                    self._after_success(definition, outconn, rows)
+            if page < definition.max_rows or not definition.after_success or time.monotonic() > deadline:
+                break
+        if not delivered_any and definition.call_when_empty:
+            self._deliver(definition, outconn, run_id, [], after=None)
+
+    def _deliver(self, definition: SqlNotificationDef, outconn: SqlOutconn, run_id: str,
+                 rows: list[dict[str, Any]], *, after: list[Any] | None,
+                 marks: list[list[dict[str, Any]]] | None = None) -> None:
+        """One service call; on success after_success and the watermark. A failure raises
+        BatchFailed, unless the batch reached max_attempts: then it is dead-lettered and
+        the run goes on past it."""
+        shown = [{key: jsonable(value) for key, value in row.items()} for row in rows]
+        notification = {"name": definition.name, "run_id": run_id, "mode": definition.mode}
+        try:
+            self.call(definition.service, {"rows": shown}, cid=f"{run_id}", notification=notification)
+        except (ServiceFailed, ServiceNotFound, BadInput, Unavailable) as exc:
+            error = getattr(exc, "error", None) or f"{type(exc).__name__}: {exc}"
+            attempts = self.store.count_failure(definition.name)
+            if definition.max_attempts is not None and attempts >= definition.max_attempts:
+                if rows:
+                    self._mark(definition, outconn, rows, marks)
+                self.store.give_up(definition.name, run_id, shown, error, attempts, after)
+                logger.error("notification %s: a batch of %d rows failed %d times and went to the dead "
+                             "letters (%s); see 'esb notifications DIR --failed'", definition.name,
+                             len(rows), attempts, error)
+                return
+            raise BatchFailed(f"service {definition.service} failed (attempt {attempts}): {error}") from None
+        if rows:
+            self._mark(definition, outconn, rows, marks)
+        if after is not None or definition.max_attempts is not None:
+            self.store.advance(definition.name, after)
+
+    def _mark(self, definition: SqlNotificationDef, outconn: SqlOutconn, rows: list[dict[str, Any]],
+              marks: list[list[dict[str, Any]]] | None) -> None:
+        if marks is None:
+            self._after_success(definition, outconn, rows)
+        elif definition.after_success:
+            marks.append(rows)
+
+    @staticmethod
+    def _after_success(
+        definition: SqlNotificationDef, outconn: SqlOutconn, rows: list[dict[str, Any]]
+    ) -> None:
+        if not definition.after_success:
+            return
+        statement = text(definition.after_success)
+        params = dict(definition.params)
+        if ":ids" in definition.after_success:
+            statement = statement.bindparams(bindparam("ids", expanding=True))
+            params["ids"] = [row.get("id") for row in rows]
+        with outconn.begin() as conn:
+            conn.execute(statement, params)
+
+    def _backing_off(self, name: str) -> bool:
+        try:
+            retry_after = float(self.client.hget(self.facts_key(name), "retry_after") or 0)
+        except Exception:  # Redis answered the firing a moment ago; a miss here only runs it
+            return False
+        if time.time() < retry_after:
+            logger.debug("notification %s backs off after failed runs; firing ignored", name)
+            return True
+        return False
+
+    # -- facts ---------------------------------------------------------------------------
+
+    def facts_key(self, name: str) -> str:
+        return notification_key(self.keys, name)
+
+    def _facts(self, name: str, fields: dict[str, str]) -> None:
+        try:
+            self.client.hset(self.facts_key(name), mapping=fields)
+        except Exception as exc:  # facts are for status; a run does not fail on them
+            logger.debug("notification %s facts not written (%s)", name, exc)
+
+    def _finish(self, definition: SqlNotificationDef, run_id: str, started_at: dt.datetime, duration_s: float,
+                rows: int, bound: str | None, outcome: str, error: str | None) -> None:
+        name = definition.name
+        try:
+            self.store.record_run(NotificationRun(
+                name=name, run_id=run_id, host=self.host, pid=self.pid, started_at=started_at,
+                duration_s=duration_s, rows=rows, watermark=bound, outcome=outcome, error=error))
+        except OdbUnavailable as exc:
+            logger.warning("notification %s run %s not recorded in the ODB (%s)", name, run_id, exc)
+        try:
+            watermark = self.store.state(name).watermark_text
+        except OdbUnavailable:
+            watermark = bound
+        key = self.facts_key(name)
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hincrby(key, "runs", 1)
+            pipe.hincrby(key, "rows", rows)
+            now = utc_now_iso()
+            fields = {"last_run": now, "last_outcome": outcome, "last_run_id": run_id,
+                      "last_duration_s": f"{duration_s:.3f}", "last_rows": str(rows),
+                      "watermark": watermark or "", "running_since": ""}
+            if outcome == "ok":
+                fields |= {"last_success": now, "consecutive_failures": "0", "last_error": "",
+                           "retry_after": "0"}
+            else:
+                pipe.hincrby(key, "failures", 1)
+                pipe.hincrby(key, "consecutive_failures", 1)
+                fields["last_error"] = error or ""
+            pipe.hset(key, mapping=fields)
+            replies = pipe.execute()
+            if outcome != "ok":
+                consecutive = int(replies[3])
+                delay_s = backoff_s(definition.interval_s, consecutive)
+                self.client.hset(key, "retry_after", f"{time.time() + delay_s:.3f}")
+        except Exception as exc:
+            logger.warning("notification %s facts not written (%s)", name, exc)
+
+
+def notification_key(keys: Keys, name: str) -> str:
+    """The Redis hash of one notification's facts (runs, rows, failures, last run...)."""
+    return f"{keys.prefix}notification:{name}"

@@ -1,0 +1,285 @@
+"""What SQL notifications keep in the ODB; the one module that owns these three tables.
+
+- ``esb_notification_state``: per notification its watermark (the last delivered values of
+  its watermark columns), whether an operator paused it, and how often the batch at its
+  head failed in a row (for ``max_attempts``);
+- ``esb_notification_run``: one row per run (start, duration, rows, bound watermark,
+  outcome, error, host, pid);
+- ``esb_notification_dead``: batches given up on after ``max_attempts``, with rows and error.
+
+Watermark values are stored as JSON with their type, so a datetime or a Decimal binds as
+the same type in the next query.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Boolean, DateTime, Float, Integer, String, Text, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from esb.errors import OdbUnavailable
+
+UTC = dt.UTC
+RUNS_KEPT = 1000  # per notification; older run rows are deleted as new ones come
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class NotificationState(Base):
+    __tablename__ = "esb_notification_state"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    watermark: Mapped[str | None] = mapped_column(Text, nullable=True)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class NotificationRun(Base):
+    __tablename__ = "esb_notification_run"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), index=True)
+    run_id: Mapped[str] = mapped_column(String(32))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    duration_s: Mapped[float] = mapped_column(Float)
+    rows: Mapped[int] = mapped_column(Integer)
+    watermark: Mapped[str | None] = mapped_column(Text, nullable=True)  # as bound at the start
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class NotificationDead(Base):
+    __tablename__ = "esb_notification_dead"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), index=True)
+    run_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    rows: Mapped[str] = mapped_column(Text)  # JSON list of the batch's rows
+    error: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer)
+
+
+# -- values ------------------------------------------------------------------------------
+
+
+def jsonable(value: Any) -> Any:
+    """A column value as JSON can carry it: datetimes ISO, decimals and UUIDs as strings."""
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal | uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    return value
+
+
+def encode_values(values: list[Any]) -> str:
+    """Watermark values with their type, as stored."""
+    tagged = []
+    for value in values:
+        if isinstance(value, dt.datetime):
+            tagged.append({"t": "datetime", "v": value.isoformat()})
+        elif isinstance(value, dt.date):
+            tagged.append({"t": "date", "v": value.isoformat()})
+        elif isinstance(value, decimal.Decimal):
+            tagged.append({"t": "decimal", "v": str(value)})
+        elif isinstance(value, uuid.UUID):
+            tagged.append({"t": "uuid", "v": str(value)})
+        else:
+            tagged.append({"t": "json", "v": jsonable(value)})
+    return json.dumps(tagged)
+
+
+def decode_values(text: str | None) -> list[Any] | None:
+    if not text:
+        return None
+    decoders = {
+        "datetime": dt.datetime.fromisoformat,
+        "date": dt.date.fromisoformat,
+        "decimal": decimal.Decimal,
+        "uuid": uuid.UUID,
+        "json": lambda v: v,
+    }
+    return [decoders[item["t"]](item["v"]) for item in json.loads(text)]
+
+
+def shown_values(text: str | None) -> list[Any] | None:
+    """Watermark values as status shows them (JSON-able)."""
+    values = decode_values(text)
+    return None if values is None else [jsonable(v) for v in values]
+
+
+@dataclass(frozen=True)
+class State:
+    watermark: list[Any] | None
+    watermark_text: str | None
+    paused: bool
+    attempts: int
+
+
+class NotificationStore:
+    """Reads and writes notification state; every driver error leaves as OdbUnavailable."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._has_schema = False
+
+    def ensure_schema(self) -> None:
+        if self._has_schema:
+            return
+        try:
+            Base.metadata.create_all(self.engine)
+        except SQLAlchemyError:
+            # Another process created the tables between our check and our CREATE.
+            try:
+                Base.metadata.create_all(self.engine)
+            except SQLAlchemyError as exc:
+                raise OdbUnavailable(f"cannot create the notification tables: {exc}") from exc
+        self._has_schema = True
+
+    def _session(self) -> Session:
+        self.ensure_schema()
+        return Session(self.engine)
+
+    def _row(self, session: Session, name: str) -> NotificationState:
+        row = session.get(NotificationState, name)
+        if row is None:
+            row = NotificationState(name=name, watermark=None, paused=False, attempts=0,
+                                    updated_at=dt.datetime.now(UTC))
+            session.add(row)
+            session.flush()
+        return row
+
+    def state(self, name: str) -> State:
+        try:
+            with self._session() as session:
+                row = session.get(NotificationState, name)
+                if row is None:
+                    return State(None, None, False, 0)
+                return State(decode_values(row.watermark), row.watermark, row.paused, row.attempts)
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot read notification {name}: {exc}") from exc
+
+    def states(self) -> dict[str, State]:
+        try:
+            with self._session() as session:
+                return {
+                    row.name: State(decode_values(row.watermark), row.watermark, row.paused, row.attempts)
+                    for row in session.scalars(select(NotificationState))
+                }
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot read the notifications' state: {exc}") from exc
+
+    def advance(self, name: str, watermark: list[Any] | None) -> None:
+        """A batch succeeded: the watermark moves past it (None: plain mode, no watermark)
+        and the head's failure count starts again."""
+        self._write(name, watermark=watermark, attempts=0)
+
+    def count_failure(self, name: str) -> int:
+        """The batch at the head failed once more; answers how often in a row."""
+        try:
+            with self._session() as session, session.begin():
+                row = self._row(session, name)
+                row.attempts += 1
+                row.updated_at = dt.datetime.now(UTC)
+                return row.attempts
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot record notification {name}'s failure: {exc}") from exc
+
+    def give_up(self, name: str, run_id: str, rows: list[dict], error: str, attempts: int,
+                watermark: list[Any] | None) -> None:
+        """The dead-letter record and moving past the batch, in one transaction."""
+        try:
+            with self._session() as session, session.begin():
+                session.add(NotificationDead(name=name, run_id=run_id, created_at=dt.datetime.now(UTC),
+                                             rows=json.dumps(rows), error=error, attempts=attempts))
+                row = self._row(session, name)
+                if watermark is not None:
+                    row.watermark = encode_values(watermark)
+                row.attempts = 0
+                row.updated_at = dt.datetime.now(UTC)
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot dead-letter notification {name}'s batch: {exc}") from exc
+
+    def set_paused(self, name: str, paused: bool) -> None:
+        self._write(name, paused=paused)
+
+    def _write(self, name: str, *, watermark: list[Any] | None = None, attempts: int | None = None,
+               paused: bool | None = None) -> None:
+        try:
+            with self._session() as session, session.begin():
+                row = self._row(session, name)
+                if watermark is not None:
+                    row.watermark = encode_values(watermark)
+                if attempts is not None:
+                    row.attempts = attempts
+                if paused is not None:
+                    row.paused = paused
+                row.updated_at = dt.datetime.now(UTC)
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot write notification {name}'s state: {exc}") from exc
+
+    def record_run(self, run: NotificationRun) -> None:
+        try:
+            with self._session() as session, session.begin():
+                session.add(run)
+                session.flush()
+                stale = session.scalars(
+                    select(NotificationRun.id)
+                    .where(NotificationRun.name == run.name)
+                    .order_by(NotificationRun.id.desc())
+                    .offset(RUNS_KEPT)
+                    .limit(100)
+                ).all()
+                for run_id in stale:
+                    session.delete(session.get(NotificationRun, run_id))
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot record notification {run.name}'s run: {exc}") from exc
+
+    def runs(self, name: str, limit: int = 20) -> list[dict[str, Any]]:
+        try:
+            with self._session() as session:
+                rows = session.scalars(
+                    select(NotificationRun).where(NotificationRun.name == name)
+                    .order_by(NotificationRun.id.desc()).limit(limit)
+                ).all()
+                return [
+                    {"run_id": r.run_id, "host": r.host, "pid": r.pid,
+                     "started_at": r.started_at.isoformat(), "duration_s": r.duration_s,
+                     "rows": r.rows, "watermark": shown_values(r.watermark), "outcome": r.outcome,
+                     "error": r.error}
+                    for r in rows
+                ]
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot read notification {name}'s runs: {exc}") from exc
+
+    def dead_letters(self, name: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        try:
+            with self._session() as session:
+                query = select(NotificationDead).order_by(NotificationDead.id.desc()).limit(limit)
+                if name is not None:
+                    query = query.where(NotificationDead.name == name)
+                return [
+                    {"id": r.id, "name": r.name, "run_id": r.run_id, "created_at": r.created_at.isoformat(),
+                     "attempts": r.attempts, "error": r.error, "rows": json.loads(r.rows)}
+                    for r in session.scalars(query)
+                ]
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot read the notifications' dead letters: {exc}") from exc

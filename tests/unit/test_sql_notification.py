@@ -1,0 +1,135 @@
+"""SQL notifications without a database: the keyset query esb wraps around the user's,
+watermark values that keep their type, row values made JSON-able, the engine options."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import uuid
+
+from esb.config import merge_units
+from esb.config.definitions import SqlNotificationDef, SqlOutconnDef
+from esb.notification import NOTIFICATION_SERVICE, as_job, notification_jobs
+from esb.notification.runner import watermark_query
+from esb.notification.store import decode_values, encode_values, jsonable
+from esb.outgoing.sql import engine_options, mask_url
+
+
+def note(**kwargs) -> SqlNotificationDef:
+    return SqlNotificationDef(name="n", outconn="db", query="SELECT id, updated_at FROM t;",
+                              service="s", **kwargs)
+
+
+def test_watermark_query_orders_and_binds_the_keyset():
+    definition = note(watermark=("updated_at", "id"))
+    assert watermark_query(definition, has_watermark=False) == (
+        "SELECT * FROM (SELECT id, updated_at FROM t) AS esb_q ORDER BY updated_at, id LIMIT :esb_limit"
+    )
+    assert watermark_query(definition, has_watermark=True) == (
+        "SELECT * FROM (SELECT id, updated_at FROM t) AS esb_q"
+        " WHERE (updated_at, id) > (:esb_wm_0, :esb_wm_1) ORDER BY updated_at, id LIMIT :esb_limit"
+    )
+
+
+def test_watermark_query_with_one_column_and_a_lag():
+    definition = note(watermark=("updated_at",), lag_s=5)
+    assert watermark_query(definition, has_watermark=True) == (
+        "SELECT * FROM (SELECT id, updated_at FROM t) AS esb_q"
+        " WHERE updated_at > :esb_wm_0 AND updated_at <= :esb_lag_until ORDER BY updated_at LIMIT :esb_limit"
+    )
+
+
+def test_watermark_values_keep_their_type():
+    values = [dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC), 7, decimal.Decimal("1.50"), "a",
+              dt.date(2030, 1, 2), uuid.UUID(int=5)]
+    assert decode_values(encode_values(values)) == values
+    assert decode_values(None) is None
+
+
+def test_row_values_become_json_able():
+    assert jsonable(dt.datetime(2030, 1, 2, 3, 4, 5)) == "2030-01-02T03:04:05"
+    assert jsonable(decimal.Decimal("1.50")) == "1.50"
+    assert jsonable(b"\x00\x01") == "AAE="
+    assert jsonable(3) == 3
+
+
+def test_a_notification_is_a_job_fired_every_interval_without_overlap():
+    job = as_job(note(interval_s=2.5, is_active=False))
+    assert job.service == NOTIFICATION_SERVICE
+    assert job.type == "interval" and job.interval_s == 2.5
+    assert job.on_overlap == "skip" and job.coalesce and job.paused
+    assert job.payload == {"notification": "n"}
+    unit = """
+[[outconn.sql]]
+name = "db"
+url = "sqlite:///x.db"
+
+[[notification.sql]]
+name = "n"
+outconn = "db"
+query = "SELECT 1"
+service = "s"
+watermark = ["id"]
+"""
+    definitions = merge_units([("u", unit)])
+    assert list(notification_jobs(definitions)) == ["esb.notification:n"]
+    assert definitions.of("notification.sql")["n"].mode == "watermark"
+
+
+def test_engine_options_and_a_masked_url():
+    definition = SqlOutconnDef(name="db", url="postgresql+psycopg://u:secret@h/db?options=-csearch_path%3Dx",
+                               statement_timeout_s=2.5, pool_size=3)
+    options = engine_options(definition)
+    assert options["pool_size"] == 3
+    assert options["connect_args"]["options"] == "-csearch_path=x -c statement_timeout=2500"
+    assert "secret" not in mask_url(definition.url)
+    assert "***" in mask_url(definition.url)
+
+
+def test_backoff_grows_after_the_second_failure_and_stays_under_staleness():
+    from esb.notification.runner import backoff_s
+
+    assert [backoff_s(10, n) for n in range(5)] == [0, 0, 10, 20, 20]
+    assert backoff_s(600, 9) == 60
+
+
+def test_a_retired_engine_is_disposed_of_once_its_connections_are_back(tmp_path):
+    import gevent
+
+    from esb.outgoing import sql as outgoing_sql
+    from esb.outgoing.sql import SqlOutconn
+
+    old_def = SqlOutconnDef(name="db", url=f"sqlite:///{tmp_path / 'a.db'}")
+    table = outgoing_sql.refresh({}, {"db": old_def})
+    outconn = table["db"]
+    assert isinstance(outconn, SqlOutconn) and outconn._engine is None  # made on first use
+    conn = outconn.connect()
+    pool = outconn.engine.pool
+    same = outgoing_sql.refresh(table, {"db": old_def})
+    assert same["db"] is outconn
+    new = outgoing_sql.refresh(table, {"db": SqlOutconnDef(name="db", url=f"sqlite:///{tmp_path / 'b.db'}")})
+    assert new["db"] is not outconn and outconn.is_retired
+    gevent.sleep(outgoing_sql.RETIRE_POLL_S * 2)
+    assert outconn.engine.pool is pool  # a request still holds a connection: not disposed of
+    conn.close()
+    gevent.sleep(outgoing_sql.RETIRE_POLL_S * 2)
+    assert outconn.engine.pool is not pool  # disposed of (dispose() replaces the pool)
+
+
+def test_session_commits_on_success_and_rolls_back_on_error(tmp_path):
+    import pytest
+    from sqlalchemy import text
+
+    from esb.outgoing.sql import SqlOutconn
+
+    outconn = SqlOutconn(SqlOutconnDef(name="db", url=f"sqlite:///{tmp_path / 's.db'}"))
+    with outconn.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+    with outconn.session() as session:
+        session.execute(text("INSERT INTO t VALUES (1)"))
+    with pytest.raises(ZeroDivisionError), outconn.session() as session:
+        session.execute(text("INSERT INTO t VALUES (2)"))
+        1 / 0  # noqa: B018
+    with outconn.connect() as conn:
+        assert conn.execute(text("SELECT x FROM t")).scalars().all() == [1]
+    outconn.retire(wait=False)
