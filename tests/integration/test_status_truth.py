@@ -119,3 +119,39 @@ def test_server_directory_odb_redis_and_logs_are_private(esb_server):
     server.start()
     for path in (server.directory / "odb.sqlite", server.directory / "logs" / "server.log"):
         assert path.stat().st_mode & 0o777 == 0o600, path
+
+
+WORKERS_ONLY_BROKEN = '''
+import sys
+
+from esb import Service
+
+# The validator imports this without gunicorn; a worker has gunicorn loaded.
+if "gunicorn" in sys.modules and {broken}:
+    raise RuntimeError("this module only fails in a worker")
+
+
+class Fragile(Service):
+    name = "t.fragile"
+
+    def handle(self):
+        self.response.payload = {{"ok": True}}
+'''
+
+
+def test_a_generation_workers_cannot_apply_is_unhealthy_until_fixed(esb_server, tmp_path):
+    server = esb_server()
+    wait_until(lambda: healthy(server), timeout_s=30, message="a fresh server healthy")
+    done = esb("deploy", str(server.directory), str(write(tmp_path, "fragile.py",
+                                                         WORKERS_ONLY_BROKEN.format(broken=True))))
+    assert done.returncode == 0, done.stderr  # the validator could not see it
+    # Every worker refuses the generation and keeps serving the one before: the workers
+    # say so at once, and past a few seconds they are also behind the ODB.
+    wait_until(lambda: not healthy(server)
+               and any("could not apply" in p or "generation" in p for p in problems(server)),
+               timeout_s=30, message=f"status naming the generation: {problems(server)}")
+    assert server.session.post(server.url("/demo/hello"), json={}, timeout=10).status_code == 200
+    done = esb("deploy", str(server.directory), str(write(tmp_path, "fragile.py",
+                                                         WORKERS_ONLY_BROKEN.format(broken=False))))
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: healthy(server), timeout_s=60, message=f"healthy once fixed: {problems(server)}")
