@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import redis
 from redis.exceptions import RedisError
@@ -93,3 +94,16 @@ class Heartbeat:
             self.client.delete(self.key)
         except RedisError:
             logger.debug("heartbeat %s: could not delete key on stop; it will expire", self.key)
+
+
+def rows_of(heartbeats: list[dict[str, str]], field: str) -> Iterator[tuple[int, dict]]:
+    """``(pid, row)`` for every row of the JSON list FIELD of each heartbeat hash, the way a
+    worker publishes per-pool or per-channel facts; a field that is not JSON is passed over."""
+    for fields in heartbeats:
+        try:
+            rows = json.loads(fields.get(field) or "[]")
+        except ValueError:
+            continue
+        pid = int(fields.get("pid", 0))
+        for row in rows:
+            yield pid, row

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from esb.bus.heartbeat import rows_of
 from esb.config.definitions import AmqpOutconnDef
 from esb.outgoing.amqp.pool import AmqpOutconn
 
@@ -48,31 +49,26 @@ def merge_facts(workers: list[dict[str, str]]) -> list[dict[str, Any]]:
     summed over workers, the pool size per worker, reachable when every worker that tried
     reached it, blocked when any is blocked, and each worker's own row."""
     merged: dict[str, dict[str, Any]] = {}
-    for fields in workers:
-        try:
-            rows = json.loads(fields.get(HEARTBEAT_FIELD) or "[]")
-        except ValueError:
-            continue
-        for row in rows:
-            into = merged.setdefault(
-                row["name"],
-                {
-                    "name": row["name"],
-                    "url": row["url"],
-                    "pool_size": row["pool_size"],
-                    **{key: 0 for key in _SUMMED},
-                    "last_error": None,
-                    "reachable": None,
-                    "blocked": False,
-                    "workers": [],
-                },
-            )
-            for key in _SUMMED:
-                into[key] += row.get(key, 0)
-            if row.get("last_error"):
-                into["last_error"] = row["last_error"]
-            if row.get("reachable") is not None:
-                into["reachable"] = bool(row["reachable"]) and into["reachable"] is not False
-            into["blocked"] = into["blocked"] or bool(row.get("blocked"))
-            into["workers"].append({"pid": int(fields.get("pid", 0)), **row})
+    for pid, row in rows_of(workers, HEARTBEAT_FIELD):
+        into = merged.setdefault(
+            row["name"],
+            {
+                "name": row["name"],
+                "url": row["url"],
+                "pool_size": row["pool_size"],
+                **{key: 0 for key in _SUMMED},
+                "last_error": None,
+                "reachable": None,
+                "blocked": False,
+                "workers": [],
+            },
+        )
+        for key in _SUMMED:
+            into[key] += row.get(key, 0)
+        if row.get("last_error"):
+            into["last_error"] = row["last_error"]
+        if row.get("reachable") is not None:
+            into["reachable"] = bool(row["reachable"]) and into["reachable"] is not False
+        into["blocked"] = into["blocked"] or bool(row.get("blocked"))
+        into["workers"].append({"pid": pid, **row})
     return sorted(merged.values(), key=lambda row: row["name"])

@@ -29,6 +29,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 
 from esb.bus import parse_iso
+from esb.bus.heartbeat import rows_of
 from esb.config.definitions import SqlOutconnDef
 
 logger = logging.getLogger(__name__)
@@ -204,22 +205,17 @@ def merge_facts(workers: list[dict[str, str]]) -> list[dict[str, Any]]:
     """Per outgoing SQL connection, the facts of every live worker: connections checked out
     summed, reachable when every worker that pinged it reached it, the last error seen."""
     merged: dict[str, dict[str, Any]] = {}
-    for fields in workers:
-        try:
-            rows = json.loads(fields.get(HEARTBEAT_FIELD) or "[]")
-        except ValueError:
-            continue
-        for row in rows:
-            into = merged.setdefault(row["name"], {
-                "name": row["name"], "url": row["url"], "pool_size": row["pool_size"], "checked_out": 0,
-                "reachable": None, "last_error": None, "workers": [],
-            })
-            into["checked_out"] += row.get("checked_out", 0)
-            if row.get("reachable") is not None:
-                into["reachable"] = bool(row["reachable"]) and into["reachable"] is not False
-            if row.get("last_error") and row.get("reachable") is False:
-                into["last_error"] = row["last_error"]
-            into["workers"].append({"pid": int(fields.get("pid", 0)), **row})
+    for pid, row in rows_of(workers, HEARTBEAT_FIELD):
+        into = merged.setdefault(row["name"], {
+            "name": row["name"], "url": row["url"], "pool_size": row["pool_size"], "checked_out": 0,
+            "reachable": None, "last_error": None, "workers": [],
+        })
+        into["checked_out"] += row.get("checked_out", 0)
+        if row.get("reachable") is not None:
+            into["reachable"] = bool(row["reachable"]) and into["reachable"] is not False
+        if row.get("last_error") and row.get("reachable") is False:
+            into["last_error"] = row["last_error"]
+        into["workers"].append({"pid": pid, **row})
     return sorted(merged.values(), key=lambda row: row["name"])
 
 
