@@ -35,6 +35,7 @@ from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
 from esb.observe.logs import bounded_traceback
+from esb.server import gunicorn_tuning
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class EsbGeventWorker(GeventWorker):
 
     def init_process(self) -> None:
         raise_fd_limit(self.worker_connections + SPARE_FDS)
+        gunicorn_tuning.install()
         # Connections waiting for their next request (or their first): closed on stop.
         self.idle_clients: set[Any] = set()
         self.stop_asked: Event | None = None  # made in run(), on the hub init_process makes
