@@ -50,6 +50,10 @@ class EsbApplication(BaseApplication):
             # PERF(esb): no access log by default; one line per request costs a quarter of
             # the throughput on a 2-core machine.
             "accesslog": None,
+            # gunicorn's control socket is one path per user ($HOME/.gunicorn/gunicorn.ctl):
+            # every server of the host would take it from the one before. esb's own CLI and
+            # status do its work, so no arbiter opens it (nor runs its thread).
+            "control_socket_disable": True,
             "post_worker_init": hooks.post_worker_init,
             "worker_abort": hooks.worker_abort,
             "worker_exit": hooks.worker_exit,

@@ -90,3 +90,28 @@ def test_stop_leaves_no_process_after_a_background_start_and_a_pickup_deploy(esb
     assert stopped.returncode == 0, stopped.stderr
     assert [pid for pid in pids if pid_alive(pid)] == []
     assert _processes_mentioning(directory) == []
+
+
+def _unix_listeners(pid: int) -> set[str]:
+    """Paths of the unix sockets PID holds open (from /proc/net/unix by inode)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    paths = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[6] in inodes:
+            paths.add(fields[7])
+    return paths
+
+
+def test_the_arbiter_opens_no_per_user_gunicorn_control_socket(esb_server):
+    """gunicorn 27's control socket has one path per user: two servers would fight over it."""
+    server = esb_server()
+    arbiter = int((server.directory / "run" / "arbiter.pid").read_text())
+    assert not [p for p in _unix_listeners(arbiter) if p.endswith("gunicorn.ctl")]
