@@ -166,8 +166,10 @@ def test_failing_message_is_delayed_then_dead_lettered_with_its_error(
         headers = dead.properties["application_headers"]
         assert headers["x-esb-deliveries"] == 3
         assert "always fails" in headers["x-esb-error"], headers
-        wait_until(lambda: {r["name"]: r for r in server.status()["channels"]["amqp"]}[f"c-{amqp_queue}"]
-                   ["dead_lettered"] == 1, message="status counts the dead letter")
+        row = wait_until(lambda: (r := channel_row(server, f"c-{amqp_queue}"))["dead_lettered"] == 1 and r,
+                         message="status counts the dead letter")
+        assert (row["handled"], row["failed"], row["consumers_up"]) == (20, 3, 1), row
+        assert row["last_message_at"] is not None, row
     finally:
         amqp_broker.queue_delete(dlq)
         amqp_broker.exchange_delete(dlx)
@@ -187,7 +189,8 @@ def test_status_fails_while_a_channel_has_no_consumer(
     assert row["consumers_up"] == 0, row
     text = esb("status", str(server.directory))
     assert text.returncode != 0, text.stdout
-    assert f"FAIL channel.amqp c-{amqp_queue}" in text.stdout, text.stdout
+    assert (f"FAIL channel.amqp c-{amqp_queue} ({missing}): 0 consumers, handled 0, failed 0, "
+            "dead-lettered 0, last message never") in text.stdout, text.stdout
 
 
 def test_graceful_stop_finishes_the_messages_it_holds(

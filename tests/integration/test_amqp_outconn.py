@@ -98,9 +98,31 @@ def test_send_sets_properties_message_id_and_cid_and_mandatory_unroutable_fails(
     assert queue_depth(amqp_broker, amqp_queue) == 0
     wait_until(lambda: {r["name"]: r for r in server.status()["outconns"]["amqp"]}
                .get(f"o-{amqp_queue}", {}).get("returns") == 1, message="status shows the return")
-    row = {r["name"]: r for r in server.status()["outconns"]["amqp"]}[f"o-{amqp_queue}"]
+    row = outconn_row(server, f"o-{amqp_queue}")
     assert row["sent"] == 2 and row["confirmed"] == 1 and row["reachable"] is True, row
     assert "guest:**@" in row["url"] and ":guest@" not in row["url"], row
+
+    # A queue that refuses what overflows it: the broker nacks the second message.
+    full = amqp_queue + "-full"
+    amqp_broker.queue_declare(full, durable=False, auto_delete=False,
+                              arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+    try:
+        assert "message_id" in server.post("/amqpt/send", {"outconn": f"o-{amqp_queue}", "body": "one",
+                                                           "routing_key": full}).json()
+        nacked = server.post("/amqpt/send", {"outconn": f"o-{amqp_queue}", "body": "two",
+                                             "routing_key": full}).json()
+        assert nacked["error"] == "PublishNacked", nacked
+        assert queue_depth(amqp_broker, full) == 1
+    finally:
+        amqp_broker.queue_delete(full)
+    row = wait_until(lambda: (r := outconn_row(server, f"o-{amqp_queue}"))["nacks"] == 1 and r,
+                     message="status counts the nack")
+    assert (row["pool_size"], row["in_use"], row["open"], row["confirms_pending"]) == (10, 0, 1, 0), row
+    assert (row["sent"], row["confirmed"], row["returns"], row["errors"]) == (4, 2, 1, 0), row
+    assert row["last_error"] is None and row["blocked"] is False, row
+    text = esb("status", str(server.directory)).stdout
+    assert (f"ok   outconn.amqp o-{amqp_queue} amqp://guest:**@127.0.0.1:5672//: pool 10 a worker, "
+            "in use 0 of 1 open, sent 4, pending 0, nacks 1, returns 1, errors 0\n") in text, text
 
     def metric_line() -> str | None:
         text = server.session.get(server.url("/metrics"), headers=server.admin_headers(), timeout=10).text
