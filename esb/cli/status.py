@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from typing import Any
 
 from esb.bus import Keys, make_redis
@@ -64,17 +65,25 @@ def render_text(status: dict[str, Any]) -> str:
     for pool in (status.get("outconns") or {}).get("amqp", []):
         lines.append(
             f"{mark(pool['reachable'] is not False and not pool['blocked'])}outconn.amqp {pool['name']} "
-            f"{pool['url']}: in use {pool['in_use']} of {pool['open']} open, sent {pool['sent']}, "
-            f"pending {pool['confirms_pending']}, nacks {pool['nacks']}, returns {pool['returns']}, "
-            f"errors {pool['errors']}" + (", BLOCKED" if pool["blocked"] else "")
+            f"{pool['url']}: pool {pool['pool_size']} a worker, in use {pool['in_use']} of "
+            f"{pool['open']} open, sent {pool['sent']}, pending {pool['confirms_pending']}, "
+            f"nacks {pool['nacks']}, returns {pool['returns']}, errors {pool['errors']}"
+            + (", BLOCKED" if pool["blocked"] else "")
+            + (f", last error: {pool['last_error']}" if pool["last_error"] else "")
         )
     for channel in (status.get("channels") or {}).get("amqp", []):
         lines.append(
             f"{mark(channel['consumers_up'] > 0)}channel.amqp {channel['name']} ({channel['queue']}): "
             f"{channel['consumers_up']} consumers, handled {channel['handled']}, failed {channel['failed']}, "
-            f"dead-lettered {channel['dead_lettered']}"
+            f"dead-lettered {channel['dead_lettered']}, last message {_utc(channel['last_message_at'])}"
         )
     return "\n".join(lines)
+
+
+def _utc(epoch_s: float | None) -> str:
+    if epoch_s is None:
+        return "never"
+    return dt.datetime.fromtimestamp(epoch_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def run(args: argparse.Namespace) -> int:

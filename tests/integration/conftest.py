@@ -9,17 +9,32 @@ from collections.abc import Iterator
 import amqp
 import pytest
 
+from tests.integration.amqp_support import connect
+
 
 @pytest.fixture
 def amqp_broker() -> Iterator[amqp.Channel]:
     try:
-        conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest", connect_timeout=5)
-        conn.connect()
+        channel = connect()
     except Exception as exc:
         pytest.fail(f"RabbitMQ at 127.0.0.1:5672 is not reachable: {exc}")
-    channel = conn.channel()
     yield channel
-    conn.close()
+    try:
+        channel.connection.close()
+    except (OSError, amqp.exceptions.AMQPError):
+        pass  # a test restarted the broker under it: nothing left to close
+
+
+def delete_queues(broker: amqp.Channel, *queues: str) -> None:
+    """Delete QUEUES, on a new connection when a broker restart closed BROKER's."""
+    try:
+        for queue in queues:
+            broker.queue_delete(queue)
+    except (OSError, amqp.exceptions.AMQPError):
+        fresh = connect()
+        for queue in queues:
+            fresh.queue_delete(queue)
+        fresh.connection.close()
 
 
 @pytest.fixture
@@ -27,4 +42,4 @@ def amqp_queue(amqp_broker: amqp.Channel) -> Iterator[str]:
     name = "esbt-" + uuid.uuid4().hex[:12]
     amqp_broker.queue_declare(name, durable=True, auto_delete=False)
     yield name
-    amqp_broker.queue_delete(name)
+    delete_queues(amqp_broker, name, name + ".esb-delay")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import amqp
+import gevent
 import kombu
 from amqp.exceptions import AMQPError
 
@@ -27,9 +28,14 @@ CHANNEL_ERRORS: tuple[type[BaseException], ...] = (amqp.exceptions.ChannelError,
 LINK_ERRORS = CONNECTION_ERRORS + CHANNEL_ERRORS + (AMQPError,)
 
 CONNECT_TIMEOUT_S = 5.0
+# A polite Close waits for the broker's CloseOk, which py-amqp waits for without a limit.
+CLOSE_TIMEOUT_S = 5.0
 
 # What a settled message reports: (index in its batch, message_id, None or why it failed).
 Settled = Callable[[int, str, str | None], None]
+# What the broker last said of publishing: blocked since (monotonic), or None once it took
+# messages again.
+BlockChanged = Callable[[float | None], None]
 NACKED = "nacked by the broker"
 RETURNED = "returned unroutable"
 
@@ -50,6 +56,7 @@ class Link:
     def __init__(self, definition: AmqpOutconnDef):
         self.definition = definition
         self.blocked_since: float | None = None
+        self.block_changed: BlockChanged = _ignore_block
         heartbeat = definition.heartbeat_s or None
         # Named, so the broker's connection list says which outconn of which worker it is.
         client = {"connection_name": f"esb outconn.amqp {definition.name} pid {os.getpid()}"}
@@ -83,10 +90,12 @@ class Link:
 
     def _on_blocked(self, reason: str) -> None:
         self.blocked_since = time.monotonic()
+        self.block_changed(self.blocked_since)
 
     def _on_unblocked(self) -> None:
         self.blocked_since = None
         self.last_progress = time.monotonic()  # the confirm timeout counts from here again
+        self.block_changed(None)
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
         # A return comes before the ack of the same message; the ack settles it as returned.
@@ -102,6 +111,8 @@ class Link:
 
     def _settle(self, delivery_tag: int, multiple: bool, error: str | None) -> None:
         self.last_progress = time.monotonic()
+        if error is None and self.blocked_since is None:
+            self.block_changed(None)  # the broker takes messages: whatever blocked has cleared
         if multiple:
             while self.pending:
                 tag = next(iter(self.pending))
@@ -197,18 +208,28 @@ class Link:
         self.amqp.heartbeat_tick()
 
     def close(self) -> None:
-        """Close politely when the link works; just drop the socket when it is broken
-        (a Close handshake with a dead broker would wait)."""
+        """Close politely when the link works, within CLOSE_TIMEOUT_S; just drop the socket
+        when it is broken or blocked: a dead broker never answers the Close, and a broker
+        that blocked publishers reads nothing from this connection until the alarm clears
+        (a polite Close there held a failed send, and its pool slot, for the whole alarm)."""
         broken, self.broken = self.broken, True
+        polite = not broken and self.blocked_since is None and self.amqp.connected
         try:
-            if broken or not self.amqp.connected:
-                self.amqp.collect()
-            else:
-                self.conn.release()
+            if polite:
+                with gevent.Timeout(CLOSE_TIMEOUT_S):
+                    self.conn.release()
+                return
+        except (Exception, gevent.Timeout):
+            pass  # a half-dead connection fails to close in many ways; its socket goes below
+        try:
+            self.amqp.collect()
         except Exception:
-            # Closing a half-dead connection can fail in many ways; the socket goes either way.
-            pass
+            pass  # nothing more to free than the socket collect() was dropping
 
 
 def _ignore(index: int, message_id: str, error: str | None) -> None:
+    return None
+
+
+def _ignore_block(since: float | None) -> None:
     return None

@@ -83,6 +83,7 @@ class OutconnStats:
         "last_error",
         "last_error_at",
         "reachable",
+        "blocked_since",
     )
 
     def __init__(self, name: str) -> None:
@@ -95,6 +96,13 @@ class OutconnStats:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.reachable: bool | None = None  # None until the first connection attempt
+        # Since when (monotonic) the broker blocks our publishers, as last heard on any
+        # connection: it outlives the connection that heard it (a send that failed blocked
+        # drops its connection), until a connection hears the block lifted or gets a confirm.
+        self.blocked_since: float | None = None
+
+    def block_changed(self, since: float | None) -> None:
+        self.blocked_since = since
 
     def error(self, reason: str) -> None:
         self.errors += 1
@@ -205,6 +213,7 @@ class AmqpOutconn:
                 continue
             retrying.succeeded()
             self.stats.reachable = True
+            link.block_changed = self.stats.block_changed
             return link
 
     def _discard(self, link: Link) -> None:
@@ -459,7 +468,8 @@ class AmqpOutconn:
             "errors": s.errors,
             "last_error": s.last_error,
             "reachable": s.reachable,
-            "blocked": any(link.blocked_since is not None for link in self._links),
+            "blocked": self.stats.blocked_since is not None
+            or any(link.blocked_since is not None for link in self._links),
         }
 
 

@@ -48,17 +48,24 @@ class SendMany(Service):
 
 
 class Record(Service):
-    """For AMQP channels: counts each message's "i" in the Redis hash amqpt:<queue>, and
-    raises for a message with "fail" (after counting it, so every delivery shows)."""
+    """For AMQP channels: counts each message's "i" in the Redis hash amqpt:<queue> and, in
+    the same transaction, appends "<i> <worker pid>" to the list amqpt:<queue>:by (which
+    worker handled each delivery, in order); raises for a message with "fail" (after
+    counting it, so every delivery shows)."""
 
     name = "amqpt.record"
 
     def handle(self):
+        import os
+
         import gevent
 
         body = self.request.payload
         info = self.request.amqp
-        self.redis.hincrby(f"amqpt:{info.queue}", str(body["i"]), 1)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hincrby(f"amqpt:{info.queue}", str(body["i"]), 1)
+        pipe.rpush(f"amqpt:{info.queue}:by", f"{body['i']} {os.getpid()}")
+        pipe.execute()
         if body.get("sleep_s"):
             gevent.sleep(body["sleep_s"])
         if body.get("fail"):
