@@ -355,14 +355,41 @@ class _Turn:
             except TimeoutError:
                 pass  # a frame only partly in: py-amqp keeps the part for the next read
         self.connection.heartbeat_tick()
-        due, channel, held = acks.due, self.channel, self.held
+        if acks.due:
+            self._write_acks()
+
+    def _write_acks(self) -> None:
+        """Requeue what is to go back, then acknowledge every finished message.
+
+        PERF(esb): the finished messages older than every message still held go in one
+        ack with ``multiple`` (it acknowledges every outstanding tag up to its own, all of
+        them finished), the others one by one. Each ack was a frame and a send() of its
+        own, a quarter of the consumer's CPU with a no-op service; now one send() carries
+        about 65 acks, and the worker's CPU per message fell from 88.5 to 78.6 µs (medians
+        of 3 rounds of bench/amqp_bench.py, prefetch 100, 2-vCPU machine at load 5.5).
+        """
+        due, channel, held = self.acks.due, self.channel, self.held
+        done = []
         while due:
             tag, requeue = due.popleft()
             if requeue:
                 channel.basic_reject(tag, requeue=True)
+                held.discard(tag)
             else:
+                done.append(tag)
+        if not done:
+            return
+        held.difference_update(done)
+        oldest_held = min(held, default=None)
+        if oldest_held is None:
+            channel.basic_ack(max(done), multiple=True)
+            return
+        below = [tag for tag in done if tag < oldest_held]
+        if below:
+            channel.basic_ack(max(below), multiple=True)
+        for tag in done:
+            if tag > oldest_held:
                 channel.basic_ack(tag)
-            held.discard(tag)
 
     def close(self) -> None:
         self._watcher.close()
