@@ -123,6 +123,23 @@ def pool_rss_kb(queue: str) -> int:
 # -- consuming ------------------------------------------------------------------------------
 
 
+def open_broker() -> amqp.Channel:
+    conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
+    conn.connect()
+    return conn.channel()
+
+
+def delete_queues(names: list[str]) -> None:
+    """Delete NAMES on a connection of its own: the bench's may have been cut meanwhile
+    (other sessions cut the shared broker's connections in their fault tests)."""
+    broker = open_broker()
+    try:
+        for name in names:
+            broker.queue_delete(name)
+    finally:
+        broker.connection.close()
+
+
 def fill(broker: amqp.Channel, queue: str, count: int) -> None:
     """COUNT persistent JSON messages into QUEUE, fast (no confirms): the backlog to drain."""
     body = json.dumps(BODY)
@@ -191,11 +208,15 @@ def consume_esb(
             time.sleep(0.1)
 
 
-def consuming(broker: amqp.Channel, count: int, prefetch: int, rounds: int, redis_url: str | None) -> dict:
-    """Median messages/s and CPU µs per message of each side over ROUNDS alternating rounds."""
+def consuming(
+    broker: amqp.Channel, count: int, prefetch: int, rounds: int, redis_url: str | None, made: list[str]
+) -> dict:
+    """Median messages/s and CPU µs per message of each side over ROUNDS alternating rounds.
+    The queues it declares are added to MADE, for the caller to delete."""
     cpus, _ = split_cpus(1)
     suffix = uuid.uuid4().hex[:8]
     queues = {"bare": f"esb-bench-bare-{suffix}", "esb": f"esb-bench-esb-{suffix}"}
+    made += [*queues.values(), f"{queues['esb']}.esb-delay"]
     base = Path(tempfile.mkdtemp(prefix="esb-amqpbench-"))
     results: dict[str, list[tuple[float, float]]] = {"bare": [], "esb": []}
     server = None
@@ -220,8 +241,6 @@ def consuming(broker: amqp.Channel, count: int, prefetch: int, rounds: int, redi
     finally:
         if server is not None:
             server.stop()
-        for queue in (*queues.values(), f"{queues['esb']}.esb-delay"):
-            broker.queue_delete(queue)
         shutil.rmtree(base, ignore_errors=True)
     return {
         side: (statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows))
@@ -243,28 +262,28 @@ def main() -> int:
     print(f"esb AMQP bench, {time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}, RabbitMQ at {URL.split('@')[1]}")
     queue = "esb-bench-" + uuid.uuid4().hex[:8]
+    made = [queue]
     missed = []
-    with kombu.Connection(URL) as admin:
-        channel = admin.channel()
-        channel.queue_declare(queue, durable=True, auto_delete=False)
-        try:
-            outconn = AmqpOutconn(AmqpOutconnDef(name="bench", url=URL, routing_key=queue))
-            outconn.send(BODY)  # connect outside the timing
-            results = {
-                "bare kombu, confirm_publish": bare_kombu(queue, n // 4, True),
-                "bare kombu, no confirms": bare_kombu(queue, n, False),
-                "esb send (confirmed, one at a time)": esb_send(outconn, n // 4),
-                "esb send_many (confirmed, window 1000)": esb_send_many(outconn, n),
-            }
-            outconn.retire()
-            channel.queue_purge(queue)
-            for name, rate in results.items():
-                print(f"{name:42s} {rate:10.0f} msg/s")
-            pool_mb = pool_rss_kb(queue) / 1024
-        finally:
-            channel.queue_delete(queue)
+    broker = open_broker()
+    try:
+        broker.queue_declare(queue, durable=True, auto_delete=False)
+        outconn = AmqpOutconn(AmqpOutconnDef(name="bench", url=URL, routing_key=queue))
+        outconn.send(BODY)  # connect outside the timing
+        results = {
+            "bare kombu, confirm_publish": bare_kombu(queue, n // 4, True),
+            "bare kombu, no confirms": bare_kombu(queue, n, False),
+            "esb send (confirmed, one at a time)": esb_send(outconn, n // 4),
+            "esb send_many (confirmed, window 1000)": esb_send_many(outconn, n),
+        }
+        outconn.retire()
+        broker.queue_purge(queue)
+        for name, rate in results.items():
+            print(f"{name:42s} {rate:10.0f} msg/s")
+        pool_mb = pool_rss_kb(queue) / 1024
         redis_url = args.redis if redis_answers(args.redis) else None
-        consumed = consuming(channel, n, args.prefetch, args.consume_rounds, redis_url)
+        consumed = consuming(broker, n, args.prefetch, args.consume_rounds, redis_url, made)
+    finally:
+        delete_queues(made)
     confirm = results["bare kombu, confirm_publish"]
     bare = results["bare kombu, no confirms"]
     many = results["esb send_many (confirmed, window 1000)"]
