@@ -13,14 +13,15 @@ same prefetch, both pinned to the same CPU when there are two or more (as bench/
 pins its servers). Both rates are read the same way, from the queue's depth: from the
 first reading at most 2 x prefetch below full (the consumer's first burst left out) to
 the reading of an empty queue. The consumer's CPU per message over that window is
-printed beside: steadier than the rate when other processes share the machine.
+printed beside: steadier than the rate when other processes share the machine. Rounds
+alternate (bare, esb, bare, esb, ...), each on a freshly filled queue; medians are judged.
 
 Targets (issue 11): send_many at least 3 x kombu with confirm_publish and at least 0.7 x
 kombu without confirms; a pool of 10 under 2 MB; consuming at least 0.8 x bare kombu.
 The exit status is 1 when one is missed. Every queue is its own, deleted at the end.
 
-    .venv/bin/python bench/amqp_bench.py [--messages 20000] [--prefetch 100] [--consume-rounds 1]
-                                         [--redis redis://127.0.0.1:6379/0]
+    .venv/bin/python bench/amqp_bench.py [--messages 20000] [--single 2000] [--prefetch 100]
+                                         [--consume-rounds 3] [--redis redis://127.0.0.1:6379/0]
 """
 
 from __future__ import annotations
@@ -180,7 +181,11 @@ def consume_bare(broker: amqp.Channel, queue: str, count: int, prefetch: int, cp
         return drain_rate(broker, queue, count, prefetch, consumer.pid)
     finally:
         consumer.terminate()
-        consumer.wait(10)
+        try:
+            consumer.wait(10)
+        except subprocess.TimeoutExpired:
+            consumer.kill()
+            consumer.wait()
 
 
 def channel_unit(path: Path, queue: str, prefetch: int) -> None:
@@ -253,9 +258,10 @@ def consuming(
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--messages", type=int, default=20000, help="of each bulk row and each drained queue")
+    parser.add_argument("--single", type=int, default=2000, help="of the rows that wait for each confirm")
     parser.add_argument("--prefetch", type=int, default=100, help="of both consumers (a channel's default)")
-    parser.add_argument("--consume-rounds", type=int, default=1, help="alternating rounds of each consumer")
+    parser.add_argument("--consume-rounds", type=int, default=3, help="alternating rounds of each consumer")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis of the esb server")
     args = parser.parse_args()
     n = args.messages
@@ -270,9 +276,9 @@ def main() -> int:
         outconn = AmqpOutconn(AmqpOutconnDef(name="bench", url=URL, routing_key=queue))
         outconn.send(BODY)  # connect outside the timing
         results = {
-            "bare kombu, confirm_publish": bare_kombu(queue, n // 4, True),
+            "bare kombu, confirm_publish": bare_kombu(queue, args.single, True),
             "bare kombu, no confirms": bare_kombu(queue, n, False),
-            "esb send (confirmed, one at a time)": esb_send(outconn, n // 4),
+            "esb send (confirmed, one at a time)": esb_send(outconn, args.single),
             "esb send_many (confirmed, window 1000)": esb_send_many(outconn, n),
         }
         outconn.retire()
