@@ -3,7 +3,8 @@
 Publishing, in this gevent-patched process: messages per second of a bare kombu producer
 with ``confirm_publish`` (each publish waits for its confirm), a bare kombu producer
 without confirms, esb's ``send`` (one at a time, confirmed) and ``send_many`` (confirmed,
-windowed); then the RSS a pool of 10 open connections costs.
+windowed), in alternating rounds, medians judged; then the RSS a pool of 10 open
+connections costs.
 
 Consuming: two queues each filled with the same MESSAGES messages (py-amqp, no
 confirms), then drained one after the other by a bare kombu consumer
@@ -21,7 +22,8 @@ kombu without confirms; a pool of 10 under 2 MB; consuming at least 0.8 x bare k
 The exit status is 1 when one is missed. Every queue is its own, deleted at the end.
 
     .venv/bin/python bench/amqp_bench.py [--messages 20000] [--single 2000] [--prefetch 100]
-                                         [--consume-rounds 3] [--redis redis://127.0.0.1:6379/0]
+                                         [--publish-rounds 3] [--consume-rounds 3]
+                                         [--redis redis://127.0.0.1:6379/0]
 """
 
 from __future__ import annotations
@@ -261,6 +263,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=20000, help="of each bulk row and each drained queue")
     parser.add_argument("--single", type=int, default=2000, help="of the rows that wait for each confirm")
     parser.add_argument("--prefetch", type=int, default=100, help="of both consumers (a channel's default)")
+    parser.add_argument("--publish-rounds", type=int, default=3, help="alternating rounds of the publishers")
     parser.add_argument("--consume-rounds", type=int, default=3, help="alternating rounds of each consumer")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis of the esb server")
     args = parser.parse_args()
@@ -275,16 +278,29 @@ def main() -> int:
         broker.queue_declare(queue, durable=True, auto_delete=False)
         outconn = AmqpOutconn(AmqpOutconnDef(name="bench", url=URL, routing_key=queue))
         outconn.send(BODY)  # connect outside the timing
-        results = {
-            "bare kombu, confirm_publish": bare_kombu(queue, args.single, True),
-            "bare kombu, no confirms": bare_kombu(queue, n, False),
-            "esb send (confirmed, one at a time)": esb_send(outconn, args.single),
-            "esb send_many (confirmed, window 1000)": esb_send_many(outconn, n),
+        rows = {
+            "bare kombu, confirm_publish": (args.single, lambda: bare_kombu(queue, args.single, True)),
+            "bare kombu, no confirms": (n, lambda: bare_kombu(queue, n, False)),
+            "esb send (confirmed, one at a time)": (args.single, lambda: esb_send(outconn, args.single)),
+            "esb send_many (confirmed, window 1000)": (n, lambda: esb_send_many(outconn, n)),
         }
+        rates: dict[str, list[float]] = {name: [] for name in rows}
+        cpu: dict[str, list[float]] = {name: [] for name in rows}
+        print(f"publishing: {args.single} messages a one-at-a-time row, {n} a bulk row, "
+              f"{args.publish_rounds} rounds alternating; msg/s of each round, median, and the "
+              f"median CPU of this process per message")
+        for _ in range(args.publish_rounds):
+            for name, (count, row) in rows.items():
+                used = time.process_time()
+                rates[name].append(row())
+                cpu[name].append((time.process_time() - used) / count * 1e6)
+            broker.queue_purge(queue)
         outconn.retire()
-        broker.queue_purge(queue)
-        for name, rate in results.items():
-            print(f"{name:42s} {rate:10.0f} msg/s")
+        results = {name: statistics.median(values) for name, values in rates.items()}
+        for name, values in rates.items():
+            each = "  ".join(f"{rate:6.0f}" for rate in values)
+            print(f"  {name:40s} {each}   median {results[name]:6.0f}, "
+                  f"{statistics.median(cpu[name]):5.1f} µs CPU/msg")
         pool_mb = pool_rss_kb(queue) / 1024
         redis_url = args.redis if redis_answers(args.redis) else None
         consumed = consuming(broker, n, args.prefetch, args.consume_rounds, redis_url, made)
