@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import select
-import sys
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ import kombu
 from gevent.event import Event
 from gevent.pool import Pool
 
+from esb.bus.client import original_poll
 from esb.config.definitions import AmqpChannelDef, AmqpOutconnDef
 from esb.config.secrets import masked_url
 from esb.errors import OutconnError
@@ -49,14 +49,7 @@ DELIVERIES_HEADER = "x-esb-deliveries"
 ERROR_HEADER = "x-esb-error"
 READ_S = 0.05  # at most this long between a consumer's heartbeat checks and stop checks
 
-
-def _original_poll():
-    """The operating system's poll, even in a gevent worker where select.poll is gevent's."""
-    monkey = sys.modules.get("gevent.monkey")
-    return select.poll if monkey is None else monkey.get_original("select", "poll")
-
-
-_os_poll = _original_poll()
+_os_poll = original_poll()
 
 
 def delay_queue(queue: str) -> str:
