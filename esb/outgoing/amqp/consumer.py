@@ -331,10 +331,15 @@ class _Turn:
         self._poller = _os_poll()
         self._poller.register(connection.sock, select.POLLIN)
         self._watcher = gevent.get_hub().loop.io(connection.sock.fileno(), 1)
+        # A TLS socket may hold decrypted bytes the kernel no longer shows (amqps://).
+        self._pending = getattr(connection.sock, "pending", None)
+
+    def _readable(self) -> bool:
+        return bool(self._poller.poll(0)) or (self._pending is not None and self._pending() > 0)
 
     def __call__(self) -> None:
-        acks, poll = self.acks, self._poller.poll
-        if not acks.due and not poll(0):
+        acks, readable = self.acks, self._readable
+        if not acks.due and not readable():
             # Nothing runs between these checks and the wait (no switch), so no wake is lost.
             self._watcher.start(acks.wake.set)
             try:
@@ -342,7 +347,7 @@ class _Turn:
             finally:
                 self._watcher.stop()
             acks.wake.clear()
-        if poll(0):
+        if readable():
             try:
                 self.connection.drain_events(timeout=READ_S)
             except TimeoutError:
