@@ -156,6 +156,10 @@ class EsbSide:
         wait_http(self.side.url, 30)
         self.side.arbiter = int((self.directory / "run" / "arbiter.pid").read_text().strip())
 
+    def deploy(self, path: Path) -> None:
+        """Hot-deploy PATH (a service module or a unit of definitions) to this server."""
+        self._esb("deploy", str(self.directory), str(path))
+
     def _esb(self, *args: str, preexec_fn=None) -> None:
         done = subprocess.run(
             [*ESB, *args], capture_output=True, text=True, timeout=120, preexec_fn=preexec_fn

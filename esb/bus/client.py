@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import select
 import sys
+from collections.abc import Callable
 from importlib.metadata import version
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
@@ -31,7 +33,7 @@ _DRIVER_INFO = DriverInfo().add_upstream_driver("esb", version("esb"))
 
 
 
-def _original_poll():
+def original_poll() -> Callable[[], Any]:
     """The operating system's poll, even in a gevent worker where select.poll is gevent's.
     Without gevent.monkey loaded nothing is patched, and importing gevent only to ask
     would cost the processes without gevent (scheduler, CLI) 5 MB each."""
@@ -39,7 +41,7 @@ def _original_poll():
     return select.poll if monkey is None else monkey.get_original("select", "poll")
 
 
-_os_poll = _original_poll()
+_os_poll = original_poll()
 
 
 class _QuickReadinessCheck:

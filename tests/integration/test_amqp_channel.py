@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,3 +209,30 @@ def test_graceful_stop_finishes_the_messages_it_holds(
     seen = counts(records, amqp_queue)
     assert set(seen.values()) == {1}, seen
     assert len(seen) + queue_depth(amqp_broker, amqp_queue) == total, (len(seen), total)
+
+
+def unacknowledged(queue: str) -> int:
+    done = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "messages_unacknowledged"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    rows = dict(line.split("\t") for line in done.stdout.splitlines() if "\t" in line)
+    return int(rows[queue])
+
+
+def test_acks_never_cover_a_message_still_running(
+    esb_server: Any, tmp_path: Path, amqp_broker: amqp.Channel, amqp_queue: str, records: redis.Redis
+) -> None:
+    """The consumer acknowledges finished messages in bulk (``multiple``): a slow message
+    delivered first stays unacknowledged while the later ones are acknowledged, and comes
+    back alone when its worker is killed."""
+    server = esb_server(workers=1)
+    deploy_channel(server, tmp_path, {"name": f"c-{amqp_queue}", "queue": amqp_queue, "prefetch": 20})
+    wait_until(lambda: consumers(amqp_broker, amqp_queue) == 1, timeout_s=60, message="consumer up")
+    total = 60
+    publish(amqp_broker, amqp_queue, [{"i": 0, "sleep_s": 8}] + [{"i": i} for i in range(1, total)])
+    wait_until(lambda: len(counts(records, amqp_queue)) == total, timeout_s=60, message="all run")
+    wait_until(lambda: unacknowledged(amqp_queue) == 1, timeout_s=60, message="only the slow one held")
+    os.kill(server.worker_pids()[0], signal.SIGKILL)
+    wait_until(lambda: counts(records, amqp_queue)[0] == 2, timeout_s=90,
+               message="the slow message delivered again")
+    seen = counts(records, amqp_queue)
+    assert all(seen[i] == 1 for i in range(1, total)), seen
