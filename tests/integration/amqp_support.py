@@ -111,11 +111,18 @@ def drain(broker: amqp.Channel, queue: str) -> list[amqp.Message]:
     return got
 
 
+def connections(name_part: str) -> dict[str, str]:
+    """Broker connections whose client-given name contains NAME_PART: connection pid to the
+    heartbeat timeout the broker agreed with the client, in seconds."""
+    done = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "timeout", "client_properties"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    rows = [line.split("\t", 2) for line in done.stdout.splitlines() if name_part in line]
+    return {row[0]: row[1] for row in rows}
+
+
 def close_connections(name_part: str) -> int:
     """Close every broker connection whose client-given name contains NAME_PART."""
-    done = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-                          capture_output=True, text=True, timeout=60, check=True)
-    pids = [line.split("\t", 1)[0] for line in done.stdout.splitlines() if name_part in line]
+    pids = list(connections(name_part))
     for pid in pids:
         subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test cut"],
                        capture_output=True, timeout=60)

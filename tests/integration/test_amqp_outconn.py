@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +24,7 @@ from tests.integration.amqp_support import (
     broker_stopped,
     close_connections,
     connect,
+    connections,
     drain,
     publishers_blocked,
     queue_depth,
@@ -343,3 +345,22 @@ def test_a_connection_closed_by_the_broker_is_replaced_on_checkout(
         assert outconn.facts()["open"] == 1
     finally:
         outconn.retire()
+
+
+def test_an_idle_pooled_connection_keeps_its_heartbeats_going(
+    esb_server: Any, tmp_path: Path, amqp_broker: amqp.Channel, amqp_queue: str
+) -> None:
+    """With heartbeat_s = 2 the broker drops a connection that is silent for two beats; a
+    pooled connection left idle for six stays the same connection, and sends on it."""
+    outconn = f"o-{amqp_queue}"
+    server = esb_server(workers=1)
+    deploy(server, tmp_path, {"name": outconn, "url": AMQP_URL, "routing_key": amqp_queue,
+                              "pool_size": 1, "heartbeat_s": 2})
+    assert "message_id" in server.post("/amqpt/send", {"outconn": outconn, "body": {"n": 1}}).json()
+    before = connections(f"outconn.amqp {outconn} ")
+    assert list(before.values()) == ["2"], before  # one connection, 2 s heartbeats agreed
+    time.sleep(12)
+    assert connections(f"outconn.amqp {outconn} ") == before
+    assert "message_id" in server.post("/amqpt/send", {"outconn": outconn, "body": {"n": 2}}).json()
+    assert connections(f"outconn.amqp {outconn} ") == before
+    assert queue_depth(amqp_broker, amqp_queue) == 2
