@@ -4,8 +4,10 @@ A worker neither imports APScheduler nor the scheduler package: the scheduler is
 process of its own, and a worker reads job definitions without building triggers. No
 process of an idle server imports SQLAlchemy's ORM: the ODB's tables are Core tables
 (5.6 MB of RSS in each of the arbiter, the workers and the scheduler; issue 12); only a
-service's ``out.sql[name].session()`` loads it. The scheduler runs no greenlets and
-serves no HTTP.
+service's ``out.sql[name].session()`` loads it. kombu and py-amqp load only with an
+``[[outconn.amqp]]`` or ``[[channel.amqp]]`` (0.8 MB in the arbiter and each worker),
+and the body of ``redis.asyncio`` never runs in the arbiter, a worker or the scheduler.
+The scheduler runs no greenlets and serves no HTTP.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ odb.dispose()
 """
 
 WORKER_PROBE = """
+import esb.server.__main__  # the arbiter's entry: defers redis.asyncio (esb.imports)
 import esb.server.application, esb.server.consumer, esb.server.hooks, esb.server.worker
 from esb.config import merge_units
 
@@ -38,14 +41,19 @@ assert merge_units([("jobs.toml", unit)], check_triggers=False).jobs["n"].cron =
 """ + ODB_USE
 
 SCHEDULER_PROBE = "import esb.scheduler.__main__, esb.scheduler.process\n" + ODB_USE
+# Neither role makes an asyncio Redis client: the body of redis.asyncio never runs.
+UNUSED_REDIS_ASYNCIO = {"redis.asyncio.client", "redis.asyncio.cluster", "redis.asyncio.connection"}
 
 
-def test_worker_modules_load_neither_apscheduler_nor_the_scheduler_nor_the_orm():
+def test_worker_modules_load_neither_apscheduler_nor_the_scheduler_nor_the_orm_nor_kombu():
     loaded = modules_loaded_by(WORKER_PROBE)
-    assert loaded_packages(loaded, {"apscheduler", "esb.scheduler", "sqlalchemy.orm"}) == set()
+    forbidden = {"apscheduler", "esb.scheduler", "sqlalchemy.orm", "kombu", "amqp", "vine",
+                 *UNUSED_REDIS_ASYNCIO}
+    assert loaded_packages(loaded, forbidden) == set()
 
 
 def test_the_scheduler_loads_no_web_stack_greenlet_or_orm():
     loaded = modules_loaded_by(SCHEDULER_PROBE)
-    forbidden = {"falcon", "gunicorn", "gevent", "greenlet", "kombu", "amqp", "sqlalchemy.orm", "esb.server"}
+    forbidden = {"falcon", "gunicorn", "gevent", "greenlet", "kombu", "amqp", "sqlalchemy.orm", "esb.server",
+                 *UNUSED_REDIS_ASYNCIO}
     assert loaded_packages(loaded, forbidden) == set()
