@@ -21,7 +21,7 @@ from esb.odb import MODULE, OdbStore
 from esb.notification.store import NotificationRun, NotificationStore
 odb = OdbStore(f"sqlite:///{pathlib.Path(tempfile.mkdtemp()) / 'odb.sqlite'}")
 odb.create_schema()
-first = odb.put(MODULE, "m", "x = 1")
+odb.put(MODULE, "m", "x = 1")
 assert [c.name for c in odb.current(MODULE)] == ["m"] and odb.generation() == 1
 assert odb.set_last_good(1) and odb.last_good() == 1 and odb.record_crash(1, "h", 1) == 1
 assert odb.roll_back(1, "test") == 2 and [r.deployment_id for r in odb.open_rejections()] == [1]
