@@ -51,6 +51,20 @@ def esb(*args: str, timeout_s: float = 120, check: bool = False) -> subprocess.C
     return done
 
 
+def modules_loaded_by(probe: str) -> set[str]:
+    """Every module in sys.modules after PROBE ran in a fresh interpreter: what a process
+    of that role holds (this one may have loaded anything for other tests)."""
+    code = probe + "\nimport json as _json, sys as _sys\nprint(_json.dumps(sorted(_sys.modules)))\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def loaded_packages(modules: set[str], packages: set[str]) -> set[str]:
+    """The MODULES that are one of PACKAGES (dotted names allowed) or inside one."""
+    return {m for m in modules if any(m == p or m.startswith(p + ".") for p in packages)}
+
+
 def children_of(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()

@@ -13,7 +13,6 @@ never build a trigger, and never load APScheduler.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import re
 from typing import TYPE_CHECKING
@@ -160,4 +159,8 @@ def schedule_signature(job: JobDef) -> str:
     """A digest of the fields that decide when JOB fires (not its payload or service)."""
     facts = {name: getattr(job, name) for name in _SCHEDULE_FIELDS}
     text = json.dumps(facts, sort_keys=True, default=str)
+    # Imported here: hashlib loads OpenSSL's libcrypto, 3.6 MB of RSS in the launcher,
+    # which imports this module (for server.conf) but never computes a signature.
+    import hashlib
+
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:16]

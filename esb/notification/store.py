@@ -14,64 +14,92 @@ the same type in the next query.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import decimal
 import json
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, Float, Integer, String, Text, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from esb.errors import OdbUnavailable
 
 UTC = dt.UTC
 RUNS_KEPT = 1000  # per notification; older run rows are deleted as new ones come
 
+# Core tables, not ORM classes, as in esb.odb.store: no process imports sqlalchemy.orm for them.
+METADATA = MetaData()
 
-class Base(DeclarativeBase):
-    pass
+notification_state = Table(
+    "esb_notification_state",
+    METADATA,
+    Column("name", String(255), primary_key=True),
+    Column("watermark", Text, nullable=True),
+    Column("paused", Boolean, nullable=False, default=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+notification_run = Table(
+    "esb_notification_run",
+    METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(255), nullable=False, index=True),
+    Column("run_id", String(32), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("duration_s", Float, nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("watermark", Text, nullable=True),  # as bound at the start
+    Column("outcome", String(16), nullable=False),
+    Column("error", Text, nullable=True),
+)
+
+notification_dead = Table(
+    "esb_notification_dead",
+    METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(255), nullable=False, index=True),
+    Column("run_id", String(32), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("rows", Text, nullable=False),  # JSON list of the batch's rows
+    Column("error", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+)
 
 
-class NotificationState(Base):
-    __tablename__ = "esb_notification_state"
+@dataclasses.dataclass(frozen=True)
+class NotificationRun:
+    """One run of a notification, as ``record_run`` stores it."""
 
-    name: Mapped[str] = mapped_column(String(255), primary_key=True)
-    watermark: Mapped[str | None] = mapped_column(Text, nullable=True)
-    paused: Mapped[bool] = mapped_column(Boolean, default=False)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-
-
-class NotificationRun(Base):
-    __tablename__ = "esb_notification_run"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(255), index=True)
-    run_id: Mapped[str] = mapped_column(String(32))
-    host: Mapped[str] = mapped_column(String(255))
-    pid: Mapped[int] = mapped_column(Integer)
-    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    duration_s: Mapped[float] = mapped_column(Float)
-    rows: Mapped[int] = mapped_column(Integer)
-    watermark: Mapped[str | None] = mapped_column(Text, nullable=True)  # as bound at the start
-    outcome: Mapped[str] = mapped_column(String(16))
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-
-
-class NotificationDead(Base):
-    __tablename__ = "esb_notification_dead"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(255), index=True)
-    run_id: Mapped[str] = mapped_column(String(32))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    rows: Mapped[str] = mapped_column(Text)  # JSON list of the batch's rows
-    error: Mapped[str] = mapped_column(Text)
-    attempts: Mapped[int] = mapped_column(Integer)
+    name: str
+    run_id: str
+    host: str
+    pid: int
+    started_at: dt.datetime
+    duration_s: float
+    rows: int
+    watermark: str | None  # as bound at the start
+    outcome: str
+    error: str | None
 
 
 # -- values ------------------------------------------------------------------------------
@@ -126,7 +154,7 @@ def shown_values(text: str | None) -> list[Any] | None:
     return None if values is None else [jsonable(v) for v in values]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class State:
     watermark: list[Any] | None
     watermark_text: str | None
@@ -145,32 +173,33 @@ class NotificationStore:
         if self._has_schema:
             return
         try:
-            Base.metadata.create_all(self.engine)
+            METADATA.create_all(self.engine)
         except SQLAlchemyError:
             # Another process created the tables between our check and our CREATE.
             try:
-                Base.metadata.create_all(self.engine)
+                METADATA.create_all(self.engine)
             except SQLAlchemyError as exc:
                 raise OdbUnavailable(f"cannot create the notification tables: {exc}") from exc
         self._has_schema = True
 
-    def _session(self) -> Session:
+    def _connect(self) -> Connection:
         self.ensure_schema()
-        return Session(self.engine)
+        return self.engine.connect()
 
-    def _row(self, session: Session, name: str) -> NotificationState:
-        row = session.get(NotificationState, name)
-        if row is None:
-            row = NotificationState(name=name, watermark=None, paused=False, attempts=0,
-                                    updated_at=dt.datetime.now(UTC))
-            session.add(row)
-            session.flush()
-        return row
+    def _write_row(self, conn: Connection, name: str, **values: Any) -> None:
+        """Set VALUES (and updated_at) on NAME's state row, made first when it has none."""
+        values["updated_at"] = dt.datetime.now(UTC)
+        where = notification_state.c.name == name
+        if conn.scalar(select(notification_state.c.name).where(where)) is None:
+            conn.execute(insert(notification_state).values(name=name, watermark=None, paused=False,
+                                                           attempts=0, updated_at=values["updated_at"]))
+        conn.execute(update(notification_state).where(where).values(**values))
 
     def state(self, name: str) -> State:
         try:
-            with self._session() as session:
-                row = session.get(NotificationState, name)
+            with self._connect() as conn:
+                query = select(notification_state).where(notification_state.c.name == name)
+                row = conn.execute(query).first()
                 if row is None:
                     return State(None, None, False, 0)
                 return State(decode_values(row.watermark), row.watermark, row.paused, row.attempts)
@@ -179,10 +208,10 @@ class NotificationStore:
 
     def states(self) -> dict[str, State]:
         try:
-            with self._session() as session:
+            with self._connect() as conn:
                 return {
                     row.name: State(decode_values(row.watermark), row.watermark, row.paused, row.attempts)
-                    for row in session.scalars(select(NotificationState))
+                    for row in conn.execute(select(notification_state))
                 }
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read the notifications' state: {exc}") from exc
@@ -195,26 +224,23 @@ class NotificationStore:
     def count_failure(self, name: str) -> int:
         """The batch at the head failed once more; answers how often in a row."""
         try:
-            with self._session() as session, session.begin():
-                row = self._row(session, name)
-                row.attempts += 1
-                row.updated_at = dt.datetime.now(UTC)
-                return row.attempts
+            with self._connect() as conn, conn.begin():
+                state = notification_state.c
+                self._write_row(conn, name, attempts=state.attempts + 1)
+                return conn.scalar(select(state.attempts).where(state.name == name))
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot record notification {name}'s failure: {exc}") from exc
 
     def give_up(self, name: str, run_id: str, rows: list[dict], error: str, attempts: int,
                 watermark: list[Any] | None) -> None:
         """The dead-letter record and moving past the batch, in one transaction."""
+        moved = {} if watermark is None else {"watermark": encode_values(watermark)}
         try:
-            with self._session() as session, session.begin():
-                session.add(NotificationDead(name=name, run_id=run_id, created_at=dt.datetime.now(UTC),
-                                             rows=json.dumps(rows), error=error, attempts=attempts))
-                row = self._row(session, name)
-                if watermark is not None:
-                    row.watermark = encode_values(watermark)
-                row.attempts = 0
-                row.updated_at = dt.datetime.now(UTC)
+            with self._connect() as conn, conn.begin():
+                conn.execute(insert(notification_dead).values(
+                    name=name, run_id=run_id, created_at=dt.datetime.now(UTC), rows=json.dumps(rows),
+                    error=error, attempts=attempts))
+                self._write_row(conn, name, attempts=0, **moved)
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot dead-letter notification {name}'s batch: {exc}") from exc
 
@@ -223,42 +249,37 @@ class NotificationStore:
 
     def _write(self, name: str, *, watermark: list[Any] | None = None, attempts: int | None = None,
                paused: bool | None = None) -> None:
+        values: dict[str, Any] = {}
+        if watermark is not None:
+            values["watermark"] = encode_values(watermark)
+        if attempts is not None:
+            values["attempts"] = attempts
+        if paused is not None:
+            values["paused"] = paused
         try:
-            with self._session() as session, session.begin():
-                row = self._row(session, name)
-                if watermark is not None:
-                    row.watermark = encode_values(watermark)
-                if attempts is not None:
-                    row.attempts = attempts
-                if paused is not None:
-                    row.paused = paused
-                row.updated_at = dt.datetime.now(UTC)
+            with self._connect() as conn, conn.begin():
+                self._write_row(conn, name, **values)
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot write notification {name}'s state: {exc}") from exc
 
     def record_run(self, run: NotificationRun) -> None:
+        runs = notification_run.c
         try:
-            with self._session() as session, session.begin():
-                session.add(run)
-                session.flush()
-                stale = session.scalars(
-                    select(NotificationRun.id)
-                    .where(NotificationRun.name == run.name)
-                    .order_by(NotificationRun.id.desc())
-                    .offset(RUNS_KEPT)
-                    .limit(100)
-                ).all()
-                for run_id in stale:
-                    session.delete(session.get(NotificationRun, run_id))
+            with self._connect() as conn, conn.begin():
+                conn.execute(insert(notification_run).values(**dataclasses.asdict(run)))
+                older = select(runs.id).where(runs.name == run.name).order_by(runs.id.desc())
+                stale = conn.scalars(older.offset(RUNS_KEPT).limit(100)).all()
+                if stale:
+                    conn.execute(delete(notification_run).where(runs.id.in_(stale)))
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot record notification {run.name}'s run: {exc}") from exc
 
     def runs(self, name: str, limit: int = 20) -> list[dict[str, Any]]:
+        runs = notification_run.c
         try:
-            with self._session() as session:
-                rows = session.scalars(
-                    select(NotificationRun).where(NotificationRun.name == name)
-                    .order_by(NotificationRun.id.desc()).limit(limit)
+            with self._connect() as conn:
+                rows = conn.execute(
+                    select(notification_run).where(runs.name == name).order_by(runs.id.desc()).limit(limit)
                 ).all()
                 return [
                     {"run_id": r.run_id, "host": r.host, "pid": r.pid,
@@ -271,15 +292,16 @@ class NotificationStore:
             raise OdbUnavailable(f"cannot read notification {name}'s runs: {exc}") from exc
 
     def dead_letters(self, name: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        dead = notification_dead.c
         try:
-            with self._session() as session:
-                query = select(NotificationDead).order_by(NotificationDead.id.desc()).limit(limit)
+            with self._connect() as conn:
+                query = select(notification_dead).order_by(dead.id.desc()).limit(limit)
                 if name is not None:
-                    query = query.where(NotificationDead.name == name)
+                    query = query.where(dead.name == name)
                 return [
                     {"id": r.id, "name": r.name, "run_id": r.run_id, "created_at": r.created_at.isoformat(),
                      "attempts": r.attempts, "error": r.error, "rows": json.loads(r.rows)}
-                    for r in session.scalars(query)
+                    for r in conn.execute(query)
                 ]
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read the notifications' dead letters: {exc}") from exc

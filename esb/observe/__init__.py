@@ -7,7 +7,7 @@ It imports nothing of esb's but ``esb.errors``, so every other package may use i
 imported.
 """
 
-from esb.observe.context import ContextFilter, current_call, running_calls
+from esb.observe.context import ContextFilter
 from esb.observe.logs import setup_logging
 from esb.observe.retry import Retrying, RetryPolicy, ensure
 
@@ -15,8 +15,6 @@ __all__ = [
     "ContextFilter",
     "RetryPolicy",
     "Retrying",
-    "current_call",
     "ensure",
-    "running_calls",
     "setup_logging",
 ]

@@ -15,7 +15,7 @@ import traceback
 import gevent
 import gevent.events
 
-from esb.observe.context import running_calls
+from esb.observe.calls import running_calls
 from esb.observe.repeats import Repeats
 
 logger = logging.getLogger(__name__)

@@ -18,19 +18,23 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     Boolean,
+    Column,
     DateTime,
     Integer,
+    MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     create_engine,
     event,
     func,
+    insert,
     select,
+    update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from esb.errors import OdbUnavailable
 
@@ -42,62 +46,60 @@ UNIT = "unit"
 
 LAST_GOOD = "last_good"
 
+# PERF(esb): SQLAlchemy Core tables, not ORM classes. Every process that reads the ODB
+# (arbiter, workers, scheduler, deploy processes) imported sqlalchemy.orm for these four
+# tables alone: 5.6 MB of RSS each, about 22 MB of an idle 2-worker server (issue 12).
+# The DDL is the one the ORM classes made (tests/unit/test_odb_schema.py).
+METADATA = MetaData()
 
-class Base(DeclarativeBase):
-    pass
+#: One version of one deployed thing: a service module or a definition unit.
+deployment = Table(
+    "esb_deployment",
+    METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("content", Text, nullable=False),
+    Column("is_deleted", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("kind", "name", "version"),
+)
 
+#: A named number the cluster keeps, such as the last good generation.
+mark = Table(
+    "esb_mark",
+    METADATA,
+    Column("name", String(64), primary_key=True),
+    Column("value", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
 
-class Deployment(Base):
-    """One version of one deployed thing: a service module or a definition unit."""
+#: A worker that died while importing one deployment (a module version).
+crash = Table(
+    "esb_crash",
+    METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("deployment_id", Integer, nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("deployment_id", "host", "pid"),
+)
 
-    __tablename__ = "esb_deployment"
-    __table_args__ = (UniqueConstraint("kind", "name", "version"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16))
-    name: Mapped[str] = mapped_column(String(255))
-    version: Mapped[int] = mapped_column(Integer)
-    content: Mapped[str] = mapped_column(Text)
-    is_deleted: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-
-
-class Mark(Base):
-    """A named number the cluster keeps, such as the last good generation."""
-
-    __tablename__ = "esb_mark"
-
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[int] = mapped_column(Integer)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-
-
-class Crash(Base):
-    """A worker that died while importing one deployment (a module version)."""
-
-    __tablename__ = "esb_crash"
-    __table_args__ = (UniqueConstraint("deployment_id", "host", "pid"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    deployment_id: Mapped[int] = mapped_column(Integer)
-    host: Mapped[str] = mapped_column(String(255))
-    pid: Mapped[int] = mapped_column(Integer)
-    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-
-
-class Rejection(Base):
-    """A deployment the server took back by itself, and the generations it went between."""
-
-    __tablename__ = "esb_rejection"
-
-    deployment_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    kind: Mapped[str] = mapped_column(String(16))
-    name: Mapped[str] = mapped_column(String(255))
-    version: Mapped[int] = mapped_column(Integer)
-    reason: Mapped[str] = mapped_column(Text)
-    from_generation: Mapped[int] = mapped_column(Integer)
-    to_generation: Mapped[int] = mapped_column(Integer)
-    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+#: A deployment the server took back by itself, and the generations it went between.
+rejection = Table(
+    "esb_rejection",
+    METADATA,
+    Column("deployment_id", Integer, primary_key=True, autoincrement=False),
+    Column("kind", String(16), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("from_generation", Integer, nullable=False),
+    Column("to_generation", Integer, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
 
 
 @dataclass(frozen=True)
@@ -147,15 +149,15 @@ class OdbStore:
 
     def create_schema(self) -> None:
         try:
-            Base.metadata.create_all(self.engine)
+            METADATA.create_all(self.engine)
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot create the ODB schema: {exc}") from exc
 
     def generation(self) -> int:
         """The id of the newest change, 0 for an empty ODB."""
         try:
-            with Session(self.engine) as session:
-                return session.scalar(select(func.max(Deployment.id))) or 0
+            with self.engine.connect() as conn:
+                return conn.scalar(select(func.max(deployment.c.id))) or 0
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read the ODB: {exc}") from exc
 
@@ -164,43 +166,34 @@ class OdbStore:
 
         With AT, the state at generation AT: only rows with an id up to AT count.
         """
-        newest = select(Deployment.name, func.max(Deployment.version).label("version")).where(
-            Deployment.kind == kind
-        )
+        d = deployment.c
+        newest = select(d.name, func.max(d.version).label("version")).where(d.kind == kind)
         if at is not None:
-            newest = newest.where(Deployment.id <= at)
-        newest = newest.group_by(Deployment.name).subquery()
+            newest = newest.where(d.id <= at)
+        newest = newest.group_by(d.name).subquery()
         query = (
-            select(Deployment)
-            .join(
-                newest,
-                (Deployment.name == newest.c.name) & (Deployment.version == newest.c.version),
-            )
-            .where(Deployment.kind == kind, Deployment.is_deleted.is_(False))
-            .order_by(Deployment.name)
+            select(d.kind, d.name, d.version, d.content, d.id)
+            .join(newest, (d.name == newest.c.name) & (d.version == newest.c.version))
+            .where(d.kind == kind, d.is_deleted.is_(False))
+            .order_by(d.name)
         )
         try:
-            with Session(self.engine) as session:
-                return [
-                    Current(row.kind, row.name, row.version, row.content, row.id)
-                    for row in session.scalars(query)
-                ]
+            with self.engine.connect() as conn:
+                rows = conn.execute(query)
+                return [Current(row.kind, row.name, row.version, row.content, row.id) for row in rows]
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read the ODB: {exc}") from exc
 
     def put(self, kind: str, name: str, content: str, *, is_deleted: bool = False) -> int:
         """Store a new version of NAME and return its version number."""
+        d = deployment.c
         for _attempt in range(5):
             try:
-                with Session(self.engine) as session, session.begin():
-                    latest = session.scalar(
-                        select(func.max(Deployment.version)).where(
-                            Deployment.kind == kind, Deployment.name == name
-                        )
-                    )
+                with self.engine.begin() as conn:
+                    latest = conn.scalar(select(func.max(d.version)).where(d.kind == kind, d.name == name))
                     version = (latest or 0) + 1
-                    session.add(
-                        Deployment(
+                    conn.execute(
+                        insert(deployment).values(
                             kind=kind,
                             name=name,
                             version=version,
@@ -222,24 +215,24 @@ class OdbStore:
     def last_good(self) -> int:
         """The newest generation every live worker applied; 0 when none was recorded yet."""
         try:
-            with Session(self.engine) as session:
-                mark = session.get(Mark, LAST_GOOD)
-                return mark.value if mark is not None else 0
+            with self.engine.connect() as conn:
+                return conn.scalar(select(mark.c.value).where(mark.c.name == LAST_GOOD)) or 0
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read the ODB: {exc}") from exc
 
     def set_last_good(self, generation: int) -> bool:
         """Raise the last good generation to GENERATION (never lower it); True if it moved."""
         try:
-            with Session(self.engine) as session, session.begin():
-                mark = session.get(Mark, LAST_GOOD, with_for_update=True)
+            with self.engine.begin() as conn:
+                value = conn.scalar(select(mark.c.value).where(mark.c.name == LAST_GOOD).with_for_update())
                 now = dt.datetime.now(dt.UTC)
-                if mark is None:
-                    session.add(Mark(name=LAST_GOOD, value=generation, updated_at=now))
+                if value is None:
+                    conn.execute(insert(mark).values(name=LAST_GOOD, value=generation, updated_at=now))
                     return True
-                if mark.value >= generation:
+                if value >= generation:
                     return False
-                mark.value, mark.updated_at = generation, now
+                raised = update(mark).where(mark.c.name == LAST_GOOD).values(value=generation, updated_at=now)
+                conn.execute(raised)
                 return True
         except IntegrityError:
             return False  # another worker recorded it at the same moment
@@ -248,21 +241,18 @@ class OdbStore:
 
     def record_crash(self, deployment_id: int, host: str, pid: int) -> int:
         """Record that worker HOST:PID died importing DEPLOYMENT_ID; the number of such deaths."""
+        c = crash.c
         try:
-            with Session(self.engine) as session:
-                with session.begin():
-                    exists = session.scalar(
-                        select(func.count(Crash.id)).where(
-                            Crash.deployment_id == deployment_id, Crash.host == host, Crash.pid == pid
-                        )
-                    )
+            with self.engine.connect() as conn:
+                with conn.begin():
+                    this_one = (c.deployment_id == deployment_id, c.host == host, c.pid == pid)
+                    exists = conn.scalar(select(func.count(c.id)).where(*this_one))
                     if not exists:
-                        session.add(
-                            Crash(deployment_id=deployment_id, host=host, pid=pid, at=dt.datetime.now(dt.UTC))
+                        conn.execute(
+                            insert(crash).values(deployment_id=deployment_id, host=host, pid=pid,
+                                                 at=dt.datetime.now(dt.UTC))
                         )
-                return session.scalar(
-                    select(func.count(Crash.id)).where(Crash.deployment_id == deployment_id)
-                ) or 0
+                return conn.scalar(select(func.count(c.id)).where(c.deployment_id == deployment_id)) or 0
         except IntegrityError:
             return self.record_crash(deployment_id, host, pid)
         except SQLAlchemyError as exc:
@@ -273,19 +263,23 @@ class OdbStore:
         that changed since the last good generation (or since just before DEPLOYMENT_ID when
         that is older). One transaction; the new generation, or None if another process
         rolled it back first."""
+        d = deployment.c
         try:
-            with Session(self.engine) as session, session.begin():
-                bad = session.get(Deployment, deployment_id)
-                if bad is None or session.get(Rejection, deployment_id) is not None:
+            with self.engine.begin() as conn:
+                bad = conn.execute(select(deployment).where(d.id == deployment_id)).first()
+                r = rejection.c
+                rejected = conn.scalar(select(r.deployment_id).where(r.deployment_id == deployment_id))
+                if bad is None or rejected is not None:
                     return None
-                mark = session.get(Mark, LAST_GOOD)
+                last_good = conn.scalar(select(mark.c.value).where(mark.c.name == LAST_GOOD))
                 good = deployment_id - 1
-                if mark is not None and 0 < mark.value < deployment_id:
-                    good = mark.value
-                latest = session.scalar(select(func.max(Deployment.id))) or 0
+                if last_good is not None and 0 < last_good < deployment_id:
+                    good = last_good
+                latest = conn.scalar(select(func.max(d.id))) or 0
                 now = dt.datetime.now(dt.UTC)
-                session.add(
-                    Rejection(
+                # The rejection row claims the rollback before anything else (its key is unique).
+                conn.execute(
+                    insert(rejection).values(
                         deployment_id=deployment_id,
                         kind=bad.kind,
                         name=bad.name,
@@ -296,17 +290,16 @@ class OdbStore:
                         at=now,
                     )
                 )
-                session.flush()  # the rejection row claims the rollback before anything else
                 for kind in (MODULE, UNIT):
-                    then = {c.name: c for c in self._state(session, kind, good)}
-                    for name, row in self._newest_rows(session, kind).items():
+                    then = {c.name: c for c in self._state(conn, kind, good)}
+                    for name, row in self._newest_rows(conn, kind).items():
                         was = then.get(name)
                         if was is not None and not row.is_deleted and row.id == was.deployment_id:
                             continue
                         if was is None and row.is_deleted:
                             continue
-                        session.add(
-                            Deployment(
+                        conn.execute(
+                            insert(deployment).values(
                                 kind=kind,
                                 name=name,
                                 version=row.version + 1,
@@ -315,8 +308,7 @@ class OdbStore:
                                 created_at=now,
                             )
                         )
-                session.flush()
-                generation = session.scalar(select(func.max(Deployment.id))) or 0
+                generation = conn.scalar(select(func.max(d.id))) or 0
             return generation
         except IntegrityError:
             return None  # rolled back concurrently by another worker
@@ -326,9 +318,8 @@ class OdbStore:
     def rejections(self, limit: int = 20) -> list[RejectedDeployment]:
         """The newest rollbacks first."""
         try:
-            with Session(self.engine) as session:
-                query = select(Rejection).order_by(Rejection.deployment_id.desc()).limit(limit)
-                rows = session.scalars(query)
+            with self.engine.connect() as conn:
+                query = select(rejection).order_by(rejection.c.deployment_id.desc()).limit(limit)
                 return [
                     RejectedDeployment(
                         r.deployment_id,
@@ -340,7 +331,7 @@ class OdbStore:
                         r.to_generation,
                         r.at.strftime("%Y-%m-%dT%H:%M:%SZ"),
                     )
-                    for r in rows
+                    for r in conn.execute(query)
                 ]
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read the ODB: {exc}") from exc
@@ -348,16 +339,14 @@ class OdbStore:
     def open_rejections(self) -> list[RejectedDeployment]:
         """The rollbacks whose name was not deployed (nor undeployed) since: each is still
         a problem for status, until the operator deploys a fixed version or removes it."""
+        d = deployment.c
         try:
-            with Session(self.engine) as session:
+            with self.engine.connect() as conn:
                 open_ids = []
-                newest = select(Rejection).order_by(Rejection.deployment_id.desc()).limit(20)
-                for r in session.scalars(newest):
-                    since = session.scalar(
-                        select(func.max(Deployment.created_at)).where(
-                            Deployment.kind == r.kind, Deployment.name == r.name
-                        )
-                    )
+                newest = select(rejection).order_by(rejection.c.deployment_id.desc()).limit(20)
+                for r in conn.execute(newest).all():
+                    same_name = (d.kind == r.kind, d.name == r.name)
+                    since = conn.scalar(select(func.max(d.created_at)).where(*same_name))
                     # The rollback's own rows carry the rejection's moment exactly.
                     if since is None or since <= r.at:
                         open_ids.append(r.deployment_id)
@@ -367,30 +356,27 @@ class OdbStore:
 
     def generation_created_at(self) -> dt.datetime | None:
         """When the newest change was written (UTC), None for an empty ODB."""
+        d = deployment.c
         try:
-            with Session(self.engine) as session:
-                moment = session.scalar(select(Deployment.created_at).order_by(Deployment.id.desc()).limit(1))
+            with self.engine.connect() as conn:
+                moment = conn.scalar(select(d.created_at).order_by(d.id.desc()).limit(1))
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read the ODB: {exc}") from exc
         if moment is not None and moment.tzinfo is None:
             moment = moment.replace(tzinfo=dt.UTC)  # SQLite keeps no zone; esb writes UTC
         return moment
 
-    def _newest_rows(self, session: Session, kind: str) -> dict[str, Deployment]:
-        rows: dict[str, Deployment] = {}
-        query = select(Deployment).where(Deployment.kind == kind).order_by(Deployment.version)
-        for row in session.scalars(query):
+    def _newest_rows(self, conn: Connection, kind: str) -> dict[str, Row]:
+        rows: dict[str, Row] = {}
+        query = select(deployment).where(deployment.c.kind == kind).order_by(deployment.c.version)
+        for row in conn.execute(query):
             rows[row.name] = row
         return rows
 
-    def _state(self, session: Session, kind: str, at: int) -> list[Current]:
-        rows: dict[str, Deployment] = {}
-        query = (
-            select(Deployment)
-            .where(Deployment.kind == kind, Deployment.id <= at)
-            .order_by(Deployment.version)
-        )
-        for row in session.scalars(query):
+    def _state(self, conn: Connection, kind: str, at: int) -> list[Current]:
+        d = deployment.c
+        rows: dict[str, Row] = {}
+        for row in conn.execute(select(deployment).where(d.kind == kind, d.id <= at).order_by(d.version)):
             rows[row.name] = row
         return [
             Current(r.kind, r.name, r.version, r.content, r.id) for r in rows.values() if not r.is_deleted

@@ -31,7 +31,26 @@ repeats, the stream entry) -> ``esb/server/consumer.py`` (read, run, acknowledge
 ``esb/server/worker.py`` (the service; its run recorded by ``jobstate.record_run``).
 """
 
-from esb.scheduler.commands import Reply, request_run
-from esb.scheduler.firings import firing_id, plan_firings
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from esb.scheduler.commands import Reply, request_run
+    from esb.scheduler.firings import firing_id, plan_firings
 
 __all__ = ["Reply", "firing_id", "plan_firings", "request_run"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use (PEP 562): ``python -m esb.scheduler`` imports this package
+    # before its __main__, which must run esb.imports.defer_redis_asyncio() before redis.
+    if name in ("Reply", "request_run"):
+        from esb.scheduler import commands
+
+        return getattr(commands, name)
+    if name in ("firing_id", "plan_firings"):
+        from esb.scheduler import firings
+
+        return getattr(firings, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,12 +5,16 @@ Exit codes: 0 after a signal, 2 when server.conf is invalid.
 
 from __future__ import annotations
 
-import logging
-import sys
+from esb.imports import defer_redis_asyncio
 
-from esb.config import load_server_config
-from esb.errors import ConfigError
-from esb.observe import setup_logging
+defer_redis_asyncio()  # before anything imports redis
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from esb.config import load_server_config  # noqa: E402
+from esb.errors import ConfigError  # noqa: E402
+from esb.observe import setup_logging  # noqa: E402
 
 logger = logging.getLogger("esb.scheduler")
 

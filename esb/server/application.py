@@ -93,8 +93,8 @@ def preload_worker_modules() -> None:
     """Import, in the arbiter before it forks, the modules every worker imports in load().
 
     The workers then share those pages copy-on-write instead of each holding its own copy
-    (falcon, SQLAlchemy, kombu, gevent, esb's runtime: about 25 MB of a worker's 65), and
-    do not each spend the import time at boot. Imports only: nothing in them opens a
+    (falcon, SQLAlchemy Core, redis-py, gevent, esb's runtime: about 25 MB of a worker's
+    58), and do not each spend the import time at boot. Imports only: nothing in them opens a
     socket, starts a thread or greenlet, or gets a gevent hub at import (STYLE.md 2.2);
     gunicorn's gevent worker patches the standard library after the fork as before, and
     those modules look socket, threading and time up when called. This is not gunicorn's

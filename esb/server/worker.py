@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.lock
@@ -54,11 +54,14 @@ from esb.observe.retry import Retrying
 from esb.odb import MODULE, UNIT, OdbStore
 from esb.outgoing import amqp as outgoing_amqp
 from esb.outgoing import sql as outgoing_sql
-from esb.outgoing.amqp.consumer import AmqpChannel, channels_field, refresh_channels
+from esb.outgoing.amqp import channels_field, refresh_channels
 from esb.server.consumer import DispatchConsumer, consumer_name
 from esb.server.http import compile_channels, make_app
 from esb.service import JobInfo, ServiceRuntime, ServiceStore
 from esb.status import collect_status
+
+if TYPE_CHECKING:
+    from esb.outgoing.amqp.consumer import AmqpChannel
 
 logger = logging.getLogger(__name__)
 

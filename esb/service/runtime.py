@@ -20,7 +20,7 @@ from munch import Munch
 from esb.bus import Keys, enqueue
 from esb.errors import BadInput, ServiceFailed, ServiceNotFound, Unavailable, is_client_error
 from esb.observe import metrics
-from esb.observe.context import running_calls
+from esb.observe.calls import running_calls
 from esb.observe.logs import bounded_traceback
 from esb.service.base import AmqpInfo, HttpInfo, JobInfo, Request, Response
 from esb.service.loader import ServiceStore

@@ -14,7 +14,7 @@ import esb
 # Lowest first. A package may import from any package of a lower layer, never from a
 # package of its own layer other than itself, never from above.
 LAYERS: list[set[str]] = [
-    {"errors"},
+    {"errors", "imports"},
     {"observe"},
     {"config"},
     {"bus", "odb", "security"},

@@ -401,34 +401,4 @@ def decode(body: bytes | str, data_format: str) -> Any:
     return json.loads(text) if data_format == "json" else text
 
 
-#: The heartbeat field under which a worker publishes its AMQP channels' facts.
-CHANNELS_FIELD = "channels_amqp"
-
-
-def refresh_channels(
-    current: Mapping[str, AmqpChannel], definitions: Any, runtime: ServiceRuntime, *, stop_timeout_s: float
-) -> dict[str, AmqpChannel]:
-    """The running channels for DEFINITIONS: unchanged ones keep consuming; changed or
-    removed ones stop gracefully in the background while their replacements start."""
-    outconns = definitions.of("outconn.amqp")
-    table: dict[str, AmqpChannel] = {}
-    for name, definition in definitions.of("channel.amqp").items():
-        url = definition.url if definition.outconn is None else outconns[definition.outconn].url
-        old = current.get(name)
-        if old is not None and old.definition == definition and old.url == url:
-            table[name] = old
-            continue
-        table[name] = AmqpChannel(definition, url, runtime)
-        table[name].start()
-    for name, old in current.items():
-        if table.get(name) is not old:
-            logger.info("channel.amqp %s: definition replaced or removed; its consumers stop", name)
-            gevent.spawn(old.stop, stop_timeout_s)
-    return table
-
-
-def channels_field(table: Mapping[str, AmqpChannel]) -> dict[str, str]:
-    return {CHANNELS_FIELD: json.dumps([channel.facts() for channel in table.values()])}
-
-
-__all__ = ["CHANNELS_FIELD", "AmqpChannel", "channels_field", "decode", "delay_queue", "refresh_channels"]
+__all__ = ["AmqpChannel", "decode", "delay_queue"]

@@ -10,9 +10,8 @@ from typing import Any
 import redis
 
 from esb.bus import Keys, parse_iso
-from esb.outgoing.amqp import HEARTBEAT_FIELD, merge_facts
+from esb.outgoing.amqp import CHANNELS_FIELD, HEARTBEAT_FIELD, merge_facts
 
-CHANNELS_FIELD = "channels_amqp"  # esb.outgoing.amqp.consumer.CHANNELS_FIELD, without its imports
 _CHANNEL_SUMS = ("consumers_up", "consumers_wanted", "handled", "failed", "dead_lettered")
 
 
