@@ -1,11 +1,17 @@
 """What SQL notifications keep in the ODB; the one module that owns these three tables.
 
 - ``esb_notification_state``: per notification its watermark (the last delivered values of
-  its watermark columns), whether an operator paused it, and how often the batch at its
-  head failed in a row (for ``max_attempts``);
+  its watermark columns), whether an operator paused it, how often the batch at its head
+  failed in a row (for ``max_attempts``), and the run that holds it (``run_id``);
 - ``esb_notification_run``: one row per run (start, duration, rows, bound watermark,
   outcome, error, host, pid);
 - ``esb_notification_dead``: batches given up on after ``max_attempts``, with rows and error.
+
+The run that holds a notification is the one that claimed it last (``claim``, at a run's
+start). Every write a run makes (``advance``, ``count_failure``, ``give_up``) is one
+statement conditional on still holding it, so a run that was overtaken (its worker hung or
+was stopped, and the scheduler's firing was reclaimed and run elsewhere) commits nothing:
+it gets ``Superseded`` at its next step, and the watermark never moves backwards.
 
 Watermark values are stored as JSON with their type, so a datetime or a Decimal binds as
 the same type in the next query.
@@ -21,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, Float, Integer, String, Text, select
+from sqlalchemy import Boolean, DateTime, Float, Integer, String, Text, inspect, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -44,6 +50,16 @@ class NotificationState(Base):
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # The run that claimed it last: the only one whose writes take effect.
+    run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class Superseded(Exception):
+    """A later run claimed the notification: this run must stop without writing anything."""
+
+    def __init__(self, name: str, run_id: str):
+        super().__init__(f"run {run_id} of notification {name} was overtaken by a later run "
+                         "(its worker was stopped or hung); it stopped without committing")
 
 
 class NotificationRun(Base):
@@ -126,6 +142,14 @@ def shown_values(text: str | None) -> list[Any] | None:
     return None if values is None else [jsonable(v) for v in values]
 
 
+def _past_head(watermark: list[Any] | None) -> dict[str, Any]:
+    """The state's new values once the batch at the head is done with (delivered or given up)."""
+    values: dict[str, Any] = {"attempts": 0}
+    if watermark is not None:
+        values["watermark"] = encode_values(watermark)
+    return values
+
+
 @dataclass(frozen=True)
 class State:
     watermark: list[Any] | None
@@ -144,15 +168,24 @@ class NotificationStore:
     def ensure_schema(self) -> None:
         if self._has_schema:
             return
-        try:
-            Base.metadata.create_all(self.engine)
-        except SQLAlchemyError:
-            # Another process created the tables between our check and our CREATE.
+        for attempt in range(2):
             try:
                 Base.metadata.create_all(self.engine)
+                self._add_run_id_column()
+                break
             except SQLAlchemyError as exc:
-                raise OdbUnavailable(f"cannot create the notification tables: {exc}") from exc
+                # Another process created the tables (or the column) between our check and ours.
+                if attempt:
+                    raise OdbUnavailable(f"cannot create the notification tables: {exc}") from exc
         self._has_schema = True
+
+    def _add_run_id_column(self) -> None:
+        """An ODB made before runs claimed notifications lacks the column: add it."""
+        columns = {c["name"] for c in inspect(self.engine).get_columns(NotificationState.__tablename__)}
+        if "run_id" not in columns:
+            table = NotificationState.__tablename__
+            with self.engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN run_id VARCHAR(32)"))
 
     def _session(self) -> Session:
         self.ensure_schema()
@@ -187,51 +220,73 @@ class NotificationStore:
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read the notifications' state: {exc}") from exc
 
-    def advance(self, name: str, watermark: list[Any] | None) -> None:
-        """A batch succeeded: the watermark moves past it (None: plain mode, no watermark)
-        and the head's failure count starts again."""
-        self._write(name, watermark=watermark, attempts=0)
-
-    def count_failure(self, name: str) -> int:
-        """The batch at the head failed once more; answers how often in a row."""
+    def claim(self, name: str, run_id: str) -> State:
+        """RUN_ID holds NAME from now on (the previous holder, if still running, was given up
+        for dead by the scheduler); answers the state it starts from."""
         try:
             with self._session() as session, session.begin():
                 row = self._row(session, name)
-                row.attempts += 1
-                row.updated_at = dt.datetime.now(UTC)
-                return row.attempts
+                row.run_id = run_id
+                session.flush()
+                return State(decode_values(row.watermark), row.watermark, row.paused, row.attempts)
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot claim notification {name}: {exc}") from exc
+
+    def holds(self, name: str, run_id: str) -> bool:
+        """Whether RUN_ID still holds NAME (checked before each service call)."""
+        try:
+            with self._session() as session:
+                return session.scalar(
+                    select(NotificationState.run_id).where(NotificationState.name == name)) == run_id
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot read notification {name}: {exc}") from exc
+
+    @staticmethod
+    def _held(session: Session, name: str, run_id: str, **values: Any) -> None:
+        """One UPDATE of NAME's state, only while RUN_ID holds it; Superseded otherwise."""
+        statement = (update(NotificationState)
+                     .where(NotificationState.name == name, NotificationState.run_id == run_id)
+                     .values(updated_at=dt.datetime.now(UTC), **values))
+        if session.execute(statement).rowcount != 1:
+            raise Superseded(name, run_id)
+
+    def advance(self, name: str, watermark: list[Any] | None, run_id: str) -> None:
+        """A batch of RUN_ID succeeded: the watermark moves past it (None: plain mode, no
+        watermark) and the head's failure count starts again. Superseded if RUN_ID no
+        longer holds NAME."""
+        try:
+            with self._session() as session, session.begin():
+                self._held(session, name, run_id, **_past_head(watermark))
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot write notification {name}'s state: {exc}") from exc
+
+    def count_failure(self, name: str, run_id: str) -> int:
+        """The batch at the head failed once more; answers how often in a row."""
+        try:
+            with self._session() as session, session.begin():
+                self._held(session, name, run_id, attempts=NotificationState.attempts + 1)
+                return session.scalar(
+                    select(NotificationState.attempts).where(NotificationState.name == name))
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot record notification {name}'s failure: {exc}") from exc
 
     def give_up(self, name: str, run_id: str, rows: list[dict], error: str, attempts: int,
                 watermark: list[Any] | None) -> None:
-        """The dead-letter record and moving past the batch, in one transaction."""
+        """The dead-letter record and moving past the batch, in one transaction (only while
+        RUN_ID holds NAME)."""
         try:
             with self._session() as session, session.begin():
+                self._held(session, name, run_id, **_past_head(watermark))
                 session.add(NotificationDead(name=name, run_id=run_id, created_at=dt.datetime.now(UTC),
                                              rows=json.dumps(rows), error=error, attempts=attempts))
-                row = self._row(session, name)
-                if watermark is not None:
-                    row.watermark = encode_values(watermark)
-                row.attempts = 0
-                row.updated_at = dt.datetime.now(UTC)
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot dead-letter notification {name}'s batch: {exc}") from exc
 
     def set_paused(self, name: str, paused: bool) -> None:
-        self._write(name, paused=paused)
-
-    def _write(self, name: str, *, watermark: list[Any] | None = None, attempts: int | None = None,
-               paused: bool | None = None) -> None:
         try:
             with self._session() as session, session.begin():
                 row = self._row(session, name)
-                if watermark is not None:
-                    row.watermark = encode_values(watermark)
-                if attempts is not None:
-                    row.attempts = attempts
-                if paused is not None:
-                    row.paused = paused
+                row.paused = paused
                 row.updated_at = dt.datetime.now(UTC)
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot write notification {name}'s state: {exc}") from exc
