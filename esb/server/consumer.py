@@ -252,6 +252,10 @@ class DispatchConsumer:
             return
 
     def _write_finished(self, batch: list[Finished]) -> None:
+        taken = self._taken_over(batch)
+        batch = [finished for finished in batch if finished.entry_id not in taken]
+        if not batch:
+            return
         pipe = self.client.pipeline(transaction=True)
         if self.record is not None:
             for finished in batch:
@@ -264,6 +268,34 @@ class DispatchConsumer:
             self.settings.done_ttl_s,
         )
         pipe.execute()
+
+    def _taken_over(self, batch: list[Finished]) -> set[str]:
+        """Entries of BATCH that another consumer reclaimed while this worker was silent
+        (stopped, or hung past ``reclaim_idle_s``) and still holds: their run goes on there.
+        This worker leaves them alone: acknowledging one would delete the entry and clear
+        its job's in-flight marker under the run that took over, and the scheduler would
+        then start the job's next firing beside that run (overlap).
+
+        Only a run that lasted ``reclaim_idle_s`` can have been reclaimed (the monotonic
+        clock runs on while a process is stopped), so a short one costs no round trip.
+        """
+        suspects = [f for f in batch if f.ran and f.duration_s >= self.settings.reclaim_idle_s]
+        if not suspects:
+            return set()
+        pipe = self.client.pipeline(transaction=False)
+        for finished in suspects:
+            pipe.xpending_range(self.keys.dispatch, self.keys.dispatch_group,
+                                min=finished.entry_id, max=finished.entry_id, count=1)
+        taken = set()
+        for finished, pending in zip(suspects, pipe.execute(), strict=True):
+            holder = pending[0]["consumer"] if pending else None
+            if holder is not None and str(holder) != self.consumer_name:
+                taken.add(finished.entry_id)
+                logger.warning("message %s for %s was reclaimed by consumer %s while this worker was "
+                               "silent; its run there goes on, this one is not acknowledged",
+                               finished.message.msg_id if finished.message else finished.entry_id,
+                               finished.message.service if finished.message else "?", holder)
+        return taken
 
     def reclaim_loop(self) -> None:
         interval_s = max(self.settings.reclaim_idle_s / 2, 0.25)
