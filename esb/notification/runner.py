@@ -24,7 +24,7 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from sqlalchemy import bindparam, text
@@ -81,8 +81,29 @@ def watermark_query(definition: SqlNotificationDef, has_watermark: bool) -> str:
     if definition.lag_s > 0:
         conditions.append(f"{columns[0]} <= :esb_lag_until")
     where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    query = definition.query.strip().rstrip(";")
-    return f"SELECT * FROM ({query}) AS esb_q{where} ORDER BY {', '.join(columns)} LIMIT :esb_limit"
+    order = ", ".join(columns)
+    return f"SELECT * FROM ({inner_query(definition)}) AS esb_q{where} ORDER BY {order} LIMIT :esb_limit"
+
+
+def inner_query(definition: SqlNotificationDef) -> str:
+    """The user's query as esb wraps it (no trailing semicolon)."""
+    return definition.query.strip().rstrip(";")
+
+
+def result_columns(connection: Any, definition: SqlNotificationDef) -> list[str]:
+    """The names of the columns DEFINITION's query answers, asked of the database on
+    CONNECTION without reading a row: ``esb check-config`` checks the watermark with them."""
+    statement = text(f"SELECT * FROM ({inner_query(definition)}) AS esb_q WHERE 1 = 0")
+    result = connection.execute(statement, dict(definition.params))
+    try:
+        return list(result.keys())
+    finally:
+        result.close()
+
+
+def missing_columns(definition: SqlNotificationDef, columns: Collection[str]) -> list[str]:
+    """DEFINITION's watermark columns that are not among the query's result COLUMNS."""
+    return [column for column in definition.watermark if column not in columns]
 
 
 class NotificationRunner:
@@ -207,7 +228,7 @@ class NotificationRunner:
         with outconn.connect() as conn:
             result = conn.execute(statement, params)
             rows = [dict(row._mapping) for row in result]
-        missing = [c for c in definition.watermark if rows and c not in rows[0]]
+        missing = missing_columns(definition, rows[0]) if rows else []
         if missing:
             raise LookupError(f"watermark column(s) {', '.join(missing)} missing from the query's result")
         return rows
