@@ -1,13 +1,31 @@
-"""`esb check-config DIR`: validate server.conf and config/*.toml without starting."""
+"""`esb check-config DIR`: validate server.conf and config/*.toml without starting.
+
+Beyond the files themselves, each watermarked SQL notification's query is described by its
+database (its result's columns, not a row read) to find a watermark column the result
+lacks. A database that cannot be asked (unreachable, a URL naming an unset variable, a
+query it refuses) leaves that check undone with a warning saying why, not a failure:
+the configuration may well be right for the database the server will see.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from esb.cli.common import BAD_CONFIG, OK, load_or_exit
-from esb.config import merge_units
+from esb.config import Definitions, merge_units
+from esb.config.definitions import SqlNotificationDef, SqlOutconnDef, resolve_env
 from esb.errors import ConfigError
+from esb.notification.runner import db_message, missing_columns, result_columns
+from esb.outgoing.sql import engine_options
+
+CONNECT_TIMEOUT_S = 5
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,9 +44,52 @@ def run(args: argparse.Namespace) -> int:
     ]
     try:
         definitions = merge_units(units, environ=None)
+        for warning in check_watermark_columns(definitions):
+            print(f"esb: warning: {warning}", file=sys.stderr)
     except ConfigError as exc:
         print(f"esb: {exc}", file=sys.stderr)
         return BAD_CONFIG
     counts = ", ".join(f"{len(objs)} {kind}" for kind, objs in sorted(definitions.objects.items()))
     print(f"server.conf ok; {len(units)} definition files ok ({counts or 'no objects'})")
     return OK
+
+
+def check_watermark_columns(definitions: Definitions) -> list[str]:
+    """Raise ConfigError (file, key, reason) for a watermark column missing from its
+    notification's result; answer a warning for each notification not checked, and why."""
+    warnings = []
+    for note in definitions.of("notification.sql").values():
+        if not note.watermark:
+            continue
+        unit = definitions.unit_of[("notification.sql", note.name)]
+        key = f"notification.sql.{note.name}.watermark"
+        outconn = definitions.of("outconn.sql")[note.outconn]
+        try:
+            columns = _columns(outconn, note, unit)
+        except (ConfigError, SQLAlchemyError, OSError) as exc:
+            reason = db_message(exc) if isinstance(exc, SQLAlchemyError) else getattr(exc, "reason", str(exc))
+            warnings.append(f"{unit}: {key}: column check not done: outconn.sql {outconn.name}: {reason}")
+            continue
+        missing = missing_columns(note, columns)
+        if missing:
+            raise ConfigError(unit, key, f"column(s) {', '.join(missing)} missing from the query's result "
+                                         f"(it has {', '.join(columns) or 'no columns'})")
+    return warnings
+
+
+def _columns(outconn: SqlOutconnDef, note: SqlNotificationDef, unit: str) -> list[str]:
+    url = resolve_env(outconn.url, unit, f"outconn.sql.{outconn.name}.url", os.environ)
+    parsed = make_url(url)
+    options = engine_options(outconn)
+    if parsed.get_backend_name() == "sqlite":
+        # sqlite3 would make an empty file where none is: that is no database to describe.
+        if parsed.database and parsed.database != ":memory:" and not Path(parsed.database).exists():
+            raise OSError(f"no SQLite file {parsed.database}")
+    elif parsed.get_backend_name() == "postgresql":
+        options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S, **options.get("connect_args", {})}
+    engine = create_engine(url, **options)
+    try:
+        with engine.connect() as conn:
+            return result_columns(conn, note)
+    finally:
+        engine.dispose()

@@ -10,6 +10,12 @@ succeeded. Plain mode streams the query's rows (``stream_results``) and hands th
 batches. A run reads at most ``max_rows``; a full page goes on with the next one while the
 run's time budget lasts. Delivery is at least once: a worker killed between a service
 call and the watermark's commit delivers that batch again.
+
+A run claims its notification at the start and checks that it still holds it before each
+service call; its writes are conditional on holding it (``store.Superseded``). So when a
+stopped or hung worker's firing was reclaimed and run elsewhere, the late run, once it
+goes on, commits nothing and calls nothing more: the watermark never moves backwards and
+two runs never deliver side by side (only the call it was stopped in completes).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from sqlalchemy import bindparam, text
@@ -27,7 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from esb.bus import Keys, utc_now_iso
 from esb.config.definitions import SqlNotificationDef
 from esb.errors import BadInput, OdbUnavailable, ServiceFailed, ServiceNotFound, Unavailable
-from esb.notification.store import NotificationRun, NotificationStore, jsonable
+from esb.notification.store import NotificationRun, NotificationStore, Superseded, jsonable
 from esb.observe import metrics
 from esb.observe.retry import Retrying
 
@@ -75,8 +81,29 @@ def watermark_query(definition: SqlNotificationDef, has_watermark: bool) -> str:
     if definition.lag_s > 0:
         conditions.append(f"{columns[0]} <= :esb_lag_until")
     where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    query = definition.query.strip().rstrip(";")
-    return f"SELECT * FROM ({query}) AS esb_q{where} ORDER BY {', '.join(columns)} LIMIT :esb_limit"
+    order = ", ".join(columns)
+    return f"SELECT * FROM ({inner_query(definition)}) AS esb_q{where} ORDER BY {order} LIMIT :esb_limit"
+
+
+def inner_query(definition: SqlNotificationDef) -> str:
+    """The user's query as esb wraps it (no trailing semicolon)."""
+    return definition.query.strip().rstrip(";")
+
+
+def result_columns(connection: Any, definition: SqlNotificationDef) -> list[str]:
+    """The names of the columns DEFINITION's query answers, asked of the database on
+    CONNECTION without reading a row: ``esb check-config`` checks the watermark with them."""
+    statement = text(f"SELECT * FROM ({inner_query(definition)}) AS esb_q WHERE 1 = 0")
+    result = connection.execute(statement, dict(definition.params))
+    try:
+        return list(result.keys())
+    finally:
+        result.close()
+
+
+def missing_columns(definition: SqlNotificationDef, columns: Collection[str]) -> list[str]:
+    """DEFINITION's watermark columns that are not among the query's result COLUMNS."""
+    return [column for column in definition.watermark if column not in columns]
 
 
 class NotificationRunner:
@@ -117,11 +144,11 @@ class NotificationRunner:
             return None
         if self._backing_off(name):
             return None
-        state = self.store.state(name)
+        run_id = uuid.uuid4().hex[:12]
+        state = self.store.claim(name, run_id)
         if state.paused:
             logger.debug("notification %s is paused; firing ignored", name)
             return None
-        run_id = uuid.uuid4().hex[:12]
         started_at = dt.datetime.now(UTC)
         started = time.monotonic()
         self._facts(name, {"last_host": self.host, "last_pid": str(self.pid), "running_since": utc_now_iso()})
@@ -144,6 +171,12 @@ class NotificationRunner:
         except BatchFailed as exc:
             outcome, error = "failed", str(exc)
             retrying.succeeded()  # the database answered; the service failed
+        except Superseded as exc:
+            # Not a failure of the notification: the run that overtook this one goes on.
+            logger.warning("notification %s: %s", name, exc)
+            self._record(name, run_id, started_at, time.monotonic() - started, counts["rows"],
+                         state.watermark_text, "superseded", str(exc))
+            return None
         except SQLAlchemyError as exc:
             outcome, error = "failed", db_message(exc)
             if self._db_errors.get(name) != error:
@@ -195,7 +228,7 @@ class NotificationRunner:
         with outconn.connect() as conn:
             result = conn.execute(statement, params)
             rows = [dict(row._mapping) for row in result]
-        missing = [c for c in definition.watermark if rows and c not in rows[0]]
+        missing = missing_columns(definition, rows[0]) if rows else []
         if missing:
             raise LookupError(f"watermark column(s) {', '.join(missing)} missing from the query's result")
         return rows
@@ -243,11 +276,15 @@ class NotificationRunner:
         the run goes on past it."""
         shown = [{key: jsonable(value) for key, value in row.items()} for row in rows]
         notification = {"name": definition.name, "run_id": run_id, "mode": definition.mode}
+        # PERF(esb): one primary-key read in the ODB per service call (not per row); it
+        # keeps a late run from calling the service beside the run that overtook it.
+        if not self.store.holds(definition.name, run_id):
+            raise Superseded(definition.name, run_id)
         try:
             self.call(definition.service, {"rows": shown}, cid=f"{run_id}", notification=notification)
         except (ServiceFailed, ServiceNotFound, BadInput, Unavailable) as exc:
             error = getattr(exc, "error", None) or f"{type(exc).__name__}: {exc}"
-            attempts = self.store.count_failure(definition.name)
+            attempts = self.store.count_failure(definition.name, run_id)
             if definition.max_attempts is not None and attempts >= definition.max_attempts:
                 if rows:
                     self._mark(definition, outconn, rows, marks)
@@ -260,7 +297,7 @@ class NotificationRunner:
         if rows:
             self._mark(definition, outconn, rows, marks)
         if after is not None or definition.max_attempts is not None:
-            self.store.advance(definition.name, after)
+            self.store.advance(definition.name, after, run_id)
 
     def _mark(self, definition: SqlNotificationDef, outconn: SqlOutconn, rows: list[dict[str, Any]],
               marks: list[list[dict[str, Any]]] | None) -> None:
@@ -304,15 +341,19 @@ class NotificationRunner:
         except Exception as exc:  # facts are for status; a run does not fail on them
             logger.debug("notification %s facts not written (%s)", name, exc)
 
-    def _finish(self, definition: SqlNotificationDef, run_id: str, started_at: dt.datetime, duration_s: float,
-                rows: int, bound: str | None, outcome: str, error: str | None) -> None:
-        name = definition.name
+    def _record(self, name: str, run_id: str, started_at: dt.datetime, duration_s: float, rows: int,
+                bound: str | None, outcome: str, error: str | None) -> None:
         try:
             self.store.record_run(NotificationRun(
                 name=name, run_id=run_id, host=self.host, pid=self.pid, started_at=started_at,
                 duration_s=duration_s, rows=rows, watermark=bound, outcome=outcome, error=error))
         except OdbUnavailable as exc:
             logger.warning("notification %s run %s not recorded in the ODB (%s)", name, run_id, exc)
+
+    def _finish(self, definition: SqlNotificationDef, run_id: str, started_at: dt.datetime, duration_s: float,
+                rows: int, bound: str | None, outcome: str, error: str | None) -> None:
+        name = definition.name
+        self._record(name, run_id, started_at, duration_s, rows, bound, outcome, error)
         try:
             watermark = self.store.state(name).watermark_text
         except OdbUnavailable:

@@ -1,11 +1,17 @@
 """What SQL notifications keep in the ODB; the one module that owns these three tables.
 
 - ``esb_notification_state``: per notification its watermark (the last delivered values of
-  its watermark columns), whether an operator paused it, and how often the batch at its
-  head failed in a row (for ``max_attempts``);
+  its watermark columns), whether an operator paused it, how often the batch at its head
+  failed in a row (for ``max_attempts``), and the run that holds it (``run_id``);
 - ``esb_notification_run``: one row per run (start, duration, rows, bound watermark,
   outcome, error, host, pid);
 - ``esb_notification_dead``: batches given up on after ``max_attempts``, with rows and error.
+
+The run that holds a notification is the one that claimed it last (``claim``, at a run's
+start). Every write a run makes (``advance``, ``count_failure``, ``give_up``) is one
+statement conditional on still holding it, so a run that was overtaken (its worker hung or
+was stopped, and the scheduler's firing was reclaimed and run elsewhere) commits nothing:
+it gets ``Superseded`` at its next step, and the watermark never moves backwards.
 
 Watermark values are stored as JSON with their type, so a datetime or a Decimal binds as
 the same type in the next query.
@@ -33,7 +39,9 @@ from sqlalchemy import (
     Text,
     delete,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
@@ -55,6 +63,8 @@ notification_state = Table(
     Column("paused", Boolean, nullable=False, default=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # The run that claimed it last: the only one whose writes take effect.
+    Column("run_id", String(32), nullable=True),
 )
 
 notification_run = Table(
@@ -84,6 +94,14 @@ notification_dead = Table(
     Column("error", Text, nullable=False),
     Column("attempts", Integer, nullable=False),
 )
+
+
+class Superseded(Exception):
+    """A later run claimed the notification: this run must stop without writing anything."""
+
+    def __init__(self, name: str, run_id: str):
+        super().__init__(f"run {run_id} of notification {name} was overtaken by a later run "
+                         "(its worker was stopped or hung); it stopped without committing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +172,14 @@ def shown_values(text: str | None) -> list[Any] | None:
     return None if values is None else [jsonable(v) for v in values]
 
 
+def _past_head(watermark: list[Any] | None) -> dict[str, Any]:
+    """The state's new values once the batch at the head is done with (delivered or given up)."""
+    values: dict[str, Any] = {"attempts": 0}
+    if watermark is not None:
+        values["watermark"] = encode_values(watermark)
+    return values
+
+
 @dataclasses.dataclass(frozen=True)
 class State:
     watermark: list[Any] | None
@@ -172,15 +198,24 @@ class NotificationStore:
     def ensure_schema(self) -> None:
         if self._has_schema:
             return
-        try:
-            METADATA.create_all(self.engine)
-        except SQLAlchemyError:
-            # Another process created the tables between our check and our CREATE.
+        for attempt in range(2):
             try:
                 METADATA.create_all(self.engine)
+                self._add_run_id_column()
+                break
             except SQLAlchemyError as exc:
-                raise OdbUnavailable(f"cannot create the notification tables: {exc}") from exc
+                # Another process created the tables (or the column) between our check and ours.
+                if attempt:
+                    raise OdbUnavailable(f"cannot create the notification tables: {exc}") from exc
         self._has_schema = True
+
+    def _add_run_id_column(self) -> None:
+        """An ODB made before runs claimed notifications lacks the column: add it."""
+        table = notification_state.name
+        columns = {c["name"] for c in inspect(self.engine).get_columns(table)}
+        if "run_id" not in columns:
+            with self.engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN run_id VARCHAR(32)"))
 
     def _connect(self) -> Connection:
         self.ensure_schema()
@@ -216,49 +251,73 @@ class NotificationStore:
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read the notifications' state: {exc}") from exc
 
-    def advance(self, name: str, watermark: list[Any] | None) -> None:
-        """A batch succeeded: the watermark moves past it (None: plain mode, no watermark)
-        and the head's failure count starts again."""
-        self._write(name, watermark=watermark, attempts=0)
-
-    def count_failure(self, name: str) -> int:
-        """The batch at the head failed once more; answers how often in a row."""
+    def claim(self, name: str, run_id: str) -> State:
+        """RUN_ID holds NAME from now on (the previous holder, if still running, was given up
+        for dead by the scheduler); answers the state it starts from."""
         try:
             with self._connect() as conn, conn.begin():
-                state = notification_state.c
-                self._write_row(conn, name, attempts=state.attempts + 1)
+                self._write_row(conn, name, run_id=run_id)
+                row = conn.execute(select(notification_state).where(notification_state.c.name == name)).one()
+                return State(decode_values(row.watermark), row.watermark, row.paused, row.attempts)
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot claim notification {name}: {exc}") from exc
+
+    def holds(self, name: str, run_id: str) -> bool:
+        """Whether RUN_ID still holds NAME (checked before each service call)."""
+        state = notification_state.c
+        try:
+            with self._connect() as conn:
+                return conn.scalar(select(state.run_id).where(state.name == name)) == run_id
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot read notification {name}: {exc}") from exc
+
+    @staticmethod
+    def _held(conn: Connection, name: str, run_id: str, **values: Any) -> None:
+        """One UPDATE of NAME's state, only while RUN_ID holds it; Superseded otherwise."""
+        state = notification_state.c
+        statement = (update(notification_state)
+                     .where(state.name == name, state.run_id == run_id)
+                     .values(updated_at=dt.datetime.now(UTC), **values))
+        if conn.execute(statement).rowcount != 1:
+            raise Superseded(name, run_id)
+
+    def advance(self, name: str, watermark: list[Any] | None, run_id: str) -> None:
+        """A batch of RUN_ID succeeded: the watermark moves past it (None: plain mode, no
+        watermark) and the head's failure count starts again. Superseded if RUN_ID no
+        longer holds NAME."""
+        try:
+            with self._connect() as conn, conn.begin():
+                self._held(conn, name, run_id, **_past_head(watermark))
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot write notification {name}'s state: {exc}") from exc
+
+    def count_failure(self, name: str, run_id: str) -> int:
+        """The batch at the head failed once more; answers how often in a row."""
+        state = notification_state.c
+        try:
+            with self._connect() as conn, conn.begin():
+                self._held(conn, name, run_id, attempts=state.attempts + 1)
                 return conn.scalar(select(state.attempts).where(state.name == name))
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot record notification {name}'s failure: {exc}") from exc
 
     def give_up(self, name: str, run_id: str, rows: list[dict], error: str, attempts: int,
                 watermark: list[Any] | None) -> None:
-        """The dead-letter record and moving past the batch, in one transaction."""
-        moved = {} if watermark is None else {"watermark": encode_values(watermark)}
+        """The dead-letter record and moving past the batch, in one transaction (only while
+        RUN_ID holds NAME)."""
         try:
             with self._connect() as conn, conn.begin():
+                self._held(conn, name, run_id, **_past_head(watermark))
                 conn.execute(insert(notification_dead).values(
                     name=name, run_id=run_id, created_at=dt.datetime.now(UTC), rows=json.dumps(rows),
                     error=error, attempts=attempts))
-                self._write_row(conn, name, attempts=0, **moved)
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot dead-letter notification {name}'s batch: {exc}") from exc
 
     def set_paused(self, name: str, paused: bool) -> None:
-        self._write(name, paused=paused)
-
-    def _write(self, name: str, *, watermark: list[Any] | None = None, attempts: int | None = None,
-               paused: bool | None = None) -> None:
-        values: dict[str, Any] = {}
-        if watermark is not None:
-            values["watermark"] = encode_values(watermark)
-        if attempts is not None:
-            values["attempts"] = attempts
-        if paused is not None:
-            values["paused"] = paused
         try:
             with self._connect() as conn, conn.begin():
-                self._write_row(conn, name, **values)
+                self._write_row(conn, name, paused=paused)
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot write notification {name}'s state: {exc}") from exc
 

@@ -144,6 +144,7 @@ class DispatchConsumer:
                 if self.pool.free_count() == 0:
                     self.pool.wait_available(timeout=1)
                     continue
+                asked = time.monotonic()
                 batch = self.reader.xreadgroup(
                     self.keys.dispatch_group,
                     self.consumer_name,
@@ -158,10 +159,7 @@ class DispatchConsumer:
                 gevent.sleep(retrying.failed(exc))
                 continue
             for _stream, entries in batch or []:
-                for entry_id, fields in entries:
-                    # New to the group, so never run: only the scheduler's firings share
-                    # ids, and its dispatch script adds a firing once.
-                    self.submit(entry_id, fields, is_known_done=False)
+                self.submit_read(entries, time.monotonic() - asked)
             if batch:
                 gevent.sleep(READ_LINGER_S)
 
@@ -252,6 +250,10 @@ class DispatchConsumer:
             return
 
     def _write_finished(self, batch: list[Finished]) -> None:
+        taken = self._taken_over(batch)
+        batch = [finished for finished in batch if finished.entry_id not in taken]
+        if not batch:
+            return
         pipe = self.client.pipeline(transaction=True)
         if self.record is not None:
             for finished in batch:
@@ -264,6 +266,51 @@ class DispatchConsumer:
             self.settings.done_ttl_s,
         )
         pipe.execute()
+
+    def _taken_over(self, batch: list[Finished]) -> set[str]:
+        """Entries of BATCH that another consumer reclaimed while this worker was silent
+        (stopped, or hung past ``reclaim_idle_s``) and still holds: their run goes on there.
+        This worker leaves them alone: acknowledging one would delete the entry and clear
+        its job's in-flight marker under the run that took over, and the scheduler would
+        then start the job's next firing beside that run (overlap).
+
+        Only a run that lasted ``reclaim_idle_s`` can have been reclaimed (the monotonic
+        clock runs on while a process is stopped), so a short one costs no round trip.
+        """
+        suspects = [f.entry_id for f in batch if f.ran and f.duration_s >= self.settings.reclaim_idle_s]
+        return set(self._held_elsewhere(suspects, "its run there goes on; this one is not acknowledged"))
+
+    def _held_elsewhere(self, entry_ids: list[str], consequence: str) -> dict[str, str]:
+        """Those of ENTRY_IDS that another consumer holds now, with its name; logged."""
+        if not entry_ids:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xpending_range(self.keys.dispatch, self.keys.dispatch_group, min=entry_id, max=entry_id,
+                                count=1)
+        held = {}
+        for entry_id, pending in zip(entry_ids, pipe.execute(), strict=True):
+            holder = str(pending[0]["consumer"]) if pending else None
+            if holder is not None and holder != self.consumer_name:
+                held[entry_id] = holder
+                logger.warning("dispatch entry %s was reclaimed by consumer %s while this worker was "
+                               "silent; %s", entry_id, holder, consequence)
+        return held
+
+    def submit_read(self, entries: list[tuple[str, dict[str, str]]], waited_s: float) -> None:
+        """Run what one XREADGROUP answered after WAITED_S.
+
+        Entries new to the group never ran (only the scheduler's firings share ids, and its
+        dispatch script adds a firing once), unless this worker was stopped while its read
+        was blocked: Redis handed it the entries then, and another consumer may have
+        reclaimed and run them since. After such a wait, an entry another consumer holds is
+        left to it, and the rest are checked against their done-markers first.
+        """
+        is_stale = waited_s > BLOCK_MS / 1000 + self.settings.reclaim_idle_s
+        held = self._held_elsewhere([entry_id for entry_id, _ in entries], "left to it") if is_stale else {}
+        for entry_id, fields in entries:
+            if entry_id not in held:
+                self.submit(entry_id, fields, is_known_done=None if is_stale else False)
 
     def reclaim_loop(self) -> None:
         interval_s = max(self.settings.reclaim_idle_s / 2, 0.25)

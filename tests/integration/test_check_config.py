@@ -3,8 +3,11 @@ the file, key and reason on a bad one, and nothing started either way."""
 
 from __future__ import annotations
 
+import pytest
+from sqlalchemy import create_engine, text
+
 from tests.conftest import set_conf
-from tests.helpers import esb
+from tests.helpers import esb, free_port
 
 SECURED = """
 [[security.api_key]]
@@ -62,3 +65,71 @@ def test_check_config(esb_server):
     done = esb("check-config", directory)
     assert done.returncode == 2 and "server.conf: main.port: must be between 1 and 65535" in done.stderr
     assert not (server.directory / "run" / "arbiter.pid").exists()
+
+
+NOTIFICATION = """
+[[outconn.sql]]
+name = "orders-db"
+url = "{url}"
+
+[[notification.sql]]
+name = "new-orders"
+outconn = "orders-db"
+query = "SELECT id, updated_at FROM orders_{suffix}"
+service = "orders.on-new"
+watermark = {watermark}
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def orders_db(request: pytest.FixtureRequest, tmp_path) -> str:
+    """The URL of a database holding a table orders_cc (id, updated_at)."""
+    sqlite = f"sqlite:///{tmp_path / 'o.db'}"
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else sqlite
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE orders_cc (id INTEGER PRIMARY KEY, updated_at TIMESTAMP)"))
+    engine.dispose()
+    return url
+
+
+def test_check_config_asks_the_database_for_the_watermark_columns(esb_server, orders_db):
+    """A watermark column missing from the query's result is an error with file, key and
+    reason; a database that cannot be asked leaves the check undone, with a warning."""
+    server = esb_server(start=False)
+    directory = str(server.directory)
+    unit = server.directory / "config" / "notes.toml"
+
+    def check(url: str = orders_db, watermark: str = '["updated_at", "id"]', suffix: str = "cc"):
+        unit.write_text(NOTIFICATION.format(url=url, watermark=watermark, suffix=suffix))
+        return esb("check-config", directory)
+
+    done = check()
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr
+    done = check(watermark='["changed_at", "id"]')
+    assert done.returncode == 2, done.stdout
+    assert ("config/notes.toml: notification.sql.new-orders.watermark: column(s) changed_at missing "
+            "from the query's result (it has id, updated_at)") in done.stderr
+    # The database refuses the query (no such table): not checked, and why.
+    done = check(suffix="gone")
+    assert done.returncode == 0, done.stderr
+    assert "config/notes.toml: notification.sql.new-orders.watermark: column check not done" in done.stderr
+    assert "orders_gone" in done.stderr
+    # The database is not there at all.
+    down = f"postgresql+psycopg://127.0.0.1:{free_port()}/test"
+    done = check(url=down, watermark='["changed_at"]')
+    assert done.returncode == 0, done.stderr
+    assert "column check not done: outconn.sql orders-db:" in done.stderr
+    done = check(url="postgresql+psycopg://u:$ENV{ESB_CC_UNSET_PASSWORD}@127.0.0.1/test")
+    assert done.returncode == 0 and "environment variable ESB_CC_UNSET_PASSWORD is not set" in done.stderr
+    # The checks the files alone settle, for notifications too.
+    unit.write_text(NOTIFICATION.format(url=orders_db, watermark='["id"]', suffix="cc")
+                    .replace('outconn = "orders-db"', 'outconn = "nowhere"'))
+    done = esb("check-config", directory)
+    assert done.returncode == 2
+    assert "notes.toml: notification.sql.new-orders.outconn: no outconn.sql named 'nowhere'" in done.stderr
+    unit.write_text(NOTIFICATION.format(url=orders_db, watermark='["id"]', suffix="cc") + "interval_s = 0\n")
+    done = esb("check-config", directory)
+    assert done.returncode == 2
+    assert "config/notes.toml: notification.sql[0].interval_s: must be positive" in done.stderr

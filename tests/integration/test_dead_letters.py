@@ -154,3 +154,36 @@ def test_reclaim_dead_letters_past_max_deliveries(redis_client, cluster):
     assert letter.deliveries == 1 and "dead:1:1" in letter.last_error
     assert redis_client.xlen(keys.dispatch) == 0
     assert redis_client.xpending(keys.dispatch, keys.dispatch_group)["pending"] == 0
+
+
+def test_a_worker_that_goes_on_after_a_reclaim_leaves_the_entry_to_its_new_holder(redis_client, cluster):
+    """A worker stopped past reclaim_idle_s goes on: what another consumer took over meanwhile
+    is that consumer's. A run it finishes late is not acknowledged (the entry, and with it
+    the job's in-flight marker, stays with the run that took over), and entries a read
+    blocked across the stop handed it are not run when another consumer holds them."""
+    from esb.bus import DispatchMessage
+    from esb.bus.dispatch import is_done
+    from esb.server.consumer import Finished
+
+    keys = Keys(cluster)
+    ensure_group(redis_client, keys)
+    ran: list = []
+    consumer = _consumer(redis_client, cluster, ran)
+    ids = [enqueue(redis_client, keys, "t.s", {"of": of}) for of in ("late", "mine", "read", "unread")]
+    late, mine, read, unread = (_read_as(redis_client, keys, "me:1:1") for _ in ids)
+    redis_client.xclaim(keys.dispatch, keys.dispatch_group, "other:1:1", 0, [late, read])
+
+    def finished(entry_id: str) -> Finished:
+        [(_, fields)] = redis_client.xrange(keys.dispatch, entry_id, entry_id)
+        return Finished(entry_id, DispatchMessage.from_fields(fields), ran=True, duration_s=1.0)
+
+    consumer._write_finished([finished(late), finished(mine)])
+    assert is_done(redis_client, keys, ids[1]) and not is_done(redis_client, keys, ids[0])
+    assert [e for e, _ in redis_client.xrange(keys.dispatch)] == [late, read, unread]
+    consumer.submit_read([(e, f) for e, f in redis_client.xrange(keys.dispatch) if e in (read, unread)],
+                         waited_s=60)
+    consumer.pool.join(timeout=5)
+    assert [p["of"] for p in ran] == ["unread"]
+    holders = {p["message_id"]: p["consumer"]
+               for p in redis_client.xpending_range(keys.dispatch, keys.dispatch_group, "-", "+", 10)}
+    assert holders[late] == holders[read] == "other:1:1"

@@ -133,3 +133,34 @@ def test_session_commits_on_success_and_rolls_back_on_error(tmp_path):
     with outconn.connect() as conn:
         assert conn.execute(text("SELECT x FROM t")).scalars().all() == [1]
     outconn.retire(wait=False)
+
+
+def test_a_run_overtaken_by_a_later_claim_commits_nothing(tmp_path):
+    """The fence a stopped worker's late run meets: only the last claimant's writes count,
+    so the watermark never moves backwards. An ODB made before the fence gains its column."""
+    from sqlalchemy import create_engine, text
+
+    from esb.notification.store import NotificationStore, Superseded
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'odb.db'}")
+    with engine.begin() as conn:  # the table as the first release made it
+        conn.execute(text("CREATE TABLE esb_notification_state (name VARCHAR(255) PRIMARY KEY, "
+                          "watermark TEXT, paused BOOLEAN, attempts INTEGER, updated_at DATETIME)"))
+    store = NotificationStore(engine)
+    assert store.claim("n", "late").watermark is None
+    store.advance("n", [1], "late")
+    assert store.claim("n", "next").watermark == [1]
+    store.advance("n", [5], "next")
+    for write in (lambda: store.advance("n", [2], "late"), lambda: store.count_failure("n", "late"),
+                  lambda: store.give_up("n", "late", [], "boom", 3, [2])):
+        try:
+            write()
+        except Superseded:
+            pass
+        else:
+            raise AssertionError("a superseded run wrote")
+    assert store.holds("n", "next") and not store.holds("n", "late")
+    assert store.state("n").watermark == [5] and store.state("n").attempts == 0
+    assert store.count_failure("n", "next") == 1
+    assert store.dead_letters("n") == []
+    engine.dispose()

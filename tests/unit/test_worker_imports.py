@@ -26,8 +26,9 @@ assert [c.name for c in odb.current(MODULE)] == ["m"] and odb.generation() == 1
 assert odb.set_last_good(1) and odb.last_good() == 1 and odb.record_crash(1, "h", 1) == 1
 assert odb.roll_back(1, "test") == 2 and [r.deployment_id for r in odb.open_rejections()] == [1]
 notes = NotificationStore(odb.engine)
-notes.advance("n", [1])
-assert notes.count_failure("n") == 1 and notes.state("n").watermark == [1]
+assert notes.claim("n", "r1").watermark is None and notes.holds("n", "r1")
+notes.advance("n", [1], "r1")
+assert notes.count_failure("n", "r1") == 1 and notes.state("n").watermark == [1]
 odb.dispose()
 """
 

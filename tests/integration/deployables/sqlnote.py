@@ -1,11 +1,18 @@
 """Services the SQL tests deploy (module name: sqlnote).
 
-``sqlnote.collect`` appends each delivered row, with its notification's name and run, to
-the Redis list ``sqlnote:<notification>``, which the tests read; a row whose ``body`` is
-``poison`` makes the whole batch fail. ``sqlnote.query`` runs SQL through an outconn.
+``sqlnote.collect`` appends each delivered row, with its notification's run, the service
+call (an id of its own) and the pid of the worker that delivered it, to the Redis list
+``sqlnote:<notification>``, which the tests read; a row whose ``body`` is ``poison``
+makes the whole batch fail. With ``sqlnote:<notification>:hold_s`` set, the call then
+lingers that long with its worker's pid in ``sqlnote:<notification>:holding``: a fault
+test kills or stops the worker there, between the call's delivery and the watermark's
+commit. ``sqlnote.query`` runs SQL through an outconn.
 """
 
 import json
+import os
+import time
+import uuid
 
 from sqlalchemy import text
 
@@ -21,13 +28,17 @@ class Collect(Service):
         if any(row.get("body") == "poison" for row in rows):
             self.redis.incr(f"sqlnote:{note['name']}:poisoned")
             raise ValueError("a poisoned row in this batch")
-        if rows:
-            self.redis.rpush(
-                f"sqlnote:{note['name']}",
-                *(json.dumps({"row": row, "run_id": note["run_id"], "mode": note["mode"]}) for row in rows),
-            )
-        else:
-            self.redis.incr(f"sqlnote:{note['name']}:empty")
+        key = f"sqlnote:{note['name']}"
+        if not rows:
+            self.redis.incr(f"{key}:empty")
+            return
+        pid, call = os.getpid(), uuid.uuid4().hex[:12]
+        self.redis.rpush(key, *(json.dumps({"row": row, "run_id": note["run_id"], "mode": note["mode"],
+                                            "pid": pid, "call": call}) for row in rows))
+        hold_s = float(self.redis.get(f"{key}:hold_s") or 0)
+        if hold_s > 0:
+            self.redis.set(f"{key}:holding", pid, px=int(hold_s * 1000))
+            time.sleep(hold_s)  # gevent's under the worker's monkey-patching: yields
 
 
 class Count(Service):
