@@ -375,7 +375,7 @@ class WorkerRuntime:
             # An SQL notification's firing: the runner records its own outcome.
             return self.notifications.run(str((message.payload or {}).get("notification", "")))
         try:
-            self.services.run(message.service, message.payload, cid=message.cid, job=job)
+            self._run_deployed(message, job)
         except ServiceFailed as exc:  # already logged once, with the service and the cid
             metrics.dispatch_runs["error"] += 1
             return exc.error
@@ -394,6 +394,24 @@ class WorkerRuntime:
             return error
         metrics.dispatch_runs["ok"] += 1
         return None
+
+    def _run_deployed(self, message: DispatchMessage, job: JobInfo | None) -> None:
+        """Run MESSAGE's service; one this worker does not know yet is looked for in the
+        ODB's newest generation before the run counts as failed.
+
+        Why: a message can be taken by a worker a moment before the deploy notice of its
+        service reaches it (a job fired from a generation the scheduler read first, an
+        invoke_async from a worker that already applied it); without catching up first, the
+        message would be finished as failed and its work lost.
+        """
+        try:
+            self.services.run(message.service, message.payload, cid=message.cid, job=job)
+        except ServiceNotFound:
+            before = self.generation
+            self._reload_logged()
+            if self.generation == before:
+                raise
+            self.services.run(message.service, message.payload, cid=message.cid, job=job)
 
     @staticmethod
     def _observe_delays(message: DispatchMessage, job: JobInfo | None) -> None:
