@@ -100,11 +100,11 @@ def test_killed_worker_is_replaced_and_serves_everything(esb_server, odb_url, tm
     victim = before[0]
     os.kill(victim, signal.SIGKILL)
 
-    wait_until(
-        lambda: len(server.worker_pids()) == 2 and victim not in server.worker_pids(),
-        message="the arbiter replaced the killed worker",
-    )
-    replacement = (set(server.worker_pids()) - set(before)).pop()
+    def replaced() -> set[int]:
+        pids = set(server.worker_pids())  # one look: two could straddle the reaping
+        return pids - set(before) if len(pids) == 2 and victim not in pids else set()
+
+    replacement = wait_until(replaced, message="the arbiter replaced the killed worker").pop()
     # The replacement rebuilt its services and channels from the ODB: it answers them.
     wait_until(
         lambda: replacement in pids_answering(server),
