@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,18 @@ class Server:
 
     def worker_pids(self) -> list[int]:
         return [p for p in children_of(self.arbiter_pid()) if pid_alive(p)]
+
+    def replacement_of(self, victim: int, before: Iterable[int], timeout_s: float = 15.0) -> int:
+        """The worker the arbiter started for VICTIM, killed when the workers were BEFORE:
+        once there are as many again, VICTIM not among them. One look at the worker list per
+        poll: two could straddle the reaping."""
+        known = set(before)
+
+        def replaced() -> set[int]:
+            pids = set(self.worker_pids())
+            return pids - known if len(pids) == len(known) and victim not in pids else set()
+
+        return wait_until(replaced, timeout_s, message=f"the arbiter replaced worker {victim}").pop()
 
     def all_pids(self) -> list[int]:
         """The launcher and every process below it."""

@@ -231,10 +231,10 @@ def test_invoke_async_of_a_service_deployed_nowhere_fails_at_once(esb_server, re
 def test_worker_crash_loop_turns_status_unhealthy(esb_server):
     server = esb_server(workers=2)
     for _ in range(4):
-        victim = max(server.worker_pids())
+        before = server.worker_pids()
+        victim = max(before)
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda v=victim: len(server.worker_pids()) == 2 and v not in server.worker_pids(),
-                   message="the arbiter replaced the killed worker")
+        server.replacement_of(victim, before)
     status = esb("status", str(server.directory), "--json")
     assert status.returncode != 0
     facts = json.loads(status.stdout)

@@ -60,10 +60,7 @@ def test_request_totals_never_fall_when_a_worker_is_killed(esb_server):
     # The victim served some of them: its death would lower a total summed from the living.
     assert 0 < counted_in_files(server, victim) < 300
     os.kill(victim, signal.SIGKILL)
-    wait_until(
-        lambda: len(server.worker_pids()) == 2 and victim not in server.worker_pids(),
-        message="the arbiter replaced the killed worker",
-    )
+    server.replacement_of(victim, before)
     # The dead worker's counts stay; its live gauge went with it (esb_workers is 2, not 3).
     wait_until(lambda: total_is(300), message="the total after the kill")
     send(server, 100)

@@ -100,11 +100,7 @@ def test_killed_worker_is_replaced_and_serves_everything(esb_server, odb_url, tm
     victim = before[0]
     os.kill(victim, signal.SIGKILL)
 
-    def replaced() -> set[int]:
-        pids = set(server.worker_pids())  # one look: two could straddle the reaping
-        return pids - set(before) if len(pids) == 2 and victim not in pids else set()
-
-    replacement = wait_until(replaced, message="the arbiter replaced the killed worker").pop()
+    replacement = server.replacement_of(victim, before)
     # The replacement rebuilt its services and channels from the ODB: it answers them.
     wait_until(
         lambda: replacement in pids_answering(server),
