@@ -183,9 +183,15 @@ def test_stopped_worker_past_timeout_is_replaced(esb_server, tmp_path):
 
 def test_stop_leaves_no_process(esb_server):
     server = esb_server(embedded_redis=True)
-    pids = server.all_pids()
+
+    def whole_tree() -> list[int] | None:
+        # /esb/ping answers once one worker does: the second worker and the
+        # scheduler may still be starting, so wait for the whole tree.
+        pids = server.all_pids()
+        return pids if len(pids) >= 6 else None
+
     # launcher (with the pickup thread), arbiter, 2 workers, scheduler, embedded redis
-    assert len(pids) >= 6, pids
+    pids = wait_until(whole_tree, message="the launcher, arbiter, 2 workers, scheduler and Redis run")
     server.stop()
     assert [pid for pid in pids if pid_alive(pid)] == []
 
