@@ -109,7 +109,7 @@ def esb_server(tmp_path: Path, cluster: str) -> Iterator:
             set_conf(directory, section, key, value)
         parser = configparser.ConfigParser(interpolation=None)
         parser.read(directory / "server.conf")
-        server = Server(directory=directory, port=port, cluster=cluster,
+        server = Server(directory=directory, port=port, cluster=cluster, workers=workers,
                         admin=(parser["admin"]["username"], parser["admin"]["password"]))
         servers.append(server)
         if start:

@@ -91,6 +91,7 @@ class Server:
     directory: Path
     port: int
     cluster: str
+    workers: int = 2
     proc: subprocess.Popen | None = None
     admin: tuple[str, str] = ("admin", "")
     session: requests.Session = field(default_factory=requests.Session)
@@ -125,6 +126,10 @@ class Server:
         self.proc = subprocess.Popen([*ESB, "start", str(self.directory), "--fg"], stdout=log,
                                      stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         wait_until(self.answers, timeout_s, message=f"server {self.directory} answering /esb/ping")
+        # /esb/ping answers once one worker does; a test that kills or counts workers must
+        # not find the others still starting.
+        wait_until(lambda: len(self.booted_workers()) == self.workers, timeout_s,
+                   message=f"{self.workers} workers of {self.directory} booted")
 
     def answers(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -140,15 +145,22 @@ class Server:
     def worker_pids(self) -> list[int]:
         return [p for p in children_of(self.arbiter_pid()) if pid_alive(p)]
 
+    def booted_workers(self) -> set[int]:
+        """Live workers past post_worker_init: they left their booted marker."""
+        return {p for p in self.worker_pids() if (self.directory / "run" / "booted" / str(p)).exists()}
+
     def replacement_of(self, victim: int, before: Iterable[int], timeout_s: float = 15.0) -> int:
         """The worker the arbiter started for VICTIM, killed when the workers were BEFORE:
-        once there are as many again, VICTIM not among them. One look at the worker list per
-        poll: two could straddle the reaping."""
+        once there are as many again, VICTIM not among them, and the new one has booted. One
+        look at the worker list per poll: two could straddle the reaping."""
         known = set(before)
 
         def replaced() -> set[int]:
             pids = set(self.worker_pids())
-            return pids - known if len(pids) == len(known) and victim not in pids else set()
+            new = pids - known
+            if len(pids) != len(known) or victim in pids or not new <= self.booted_workers():
+                return set()
+            return new
 
         return wait_until(replaced, timeout_s, message=f"the arbiter replaced worker {victim}").pop()
 
