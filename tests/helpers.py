@@ -19,6 +19,8 @@ from typing import Any
 import redis
 import requests
 
+from esb.server.arbiter import booted_marker
+
 ESB = [sys.executable, "-m", "esb.cli"]
 
 
@@ -145,9 +147,12 @@ class Server:
     def worker_pids(self) -> list[int]:
         return [p for p in children_of(self.arbiter_pid()) if pid_alive(p)]
 
+    def has_booted(self, pid: int) -> bool:
+        """PID is past post_worker_init: it left its booted marker."""
+        return booted_marker(self.directory / "run", pid).exists()
+
     def booted_workers(self) -> set[int]:
-        """Live workers past post_worker_init: they left their booted marker."""
-        return {p for p in self.worker_pids() if (self.directory / "run" / "booted" / str(p)).exists()}
+        return {p for p in self.worker_pids() if self.has_booted(p)}
 
     def replacement_of(self, victim: int, before: Iterable[int], timeout_s: float = 15.0) -> int:
         """The worker the arbiter started for VICTIM, killed when the workers were BEFORE:
@@ -158,7 +163,7 @@ class Server:
         def replaced() -> set[int]:
             pids = set(self.worker_pids())
             new = pids - known
-            if len(pids) != len(known) or victim in pids or not new <= self.booted_workers():
+            if len(pids) != len(known) or victim in pids or not all(map(self.has_booted, new)):
                 return set()
             return new
 

@@ -185,8 +185,7 @@ def test_stop_leaves_no_process(esb_server):
     server = esb_server(embedded_redis=True)
 
     def whole_tree() -> list[int] | None:
-        # /esb/ping answers once one worker does: the second worker and the
-        # scheduler may still be starting, so wait for the whole tree.
+        # The server's start waits for its workers; the scheduler may still be starting.
         pids = server.all_pids()
         return pids if len(pids) >= 6 else None
 
