@@ -36,6 +36,7 @@ from esb.bus import (
 from esb.bus.jobstate import record_run
 from esb.config import Definitions, ServerConfig, merge_units
 from esb.deploy.generations import LoadingMarker, advance_last_good, claim_crashes
+from esb.deploy.stored import merge_what_resolves
 from esb.errors import (
     BadInput,
     ConfigError,
@@ -50,7 +51,7 @@ from esb.notification.runner import NotificationRunner
 from esb.notification.store import NotificationStore
 from esb.observe import metrics
 from esb.observe.blocking import start_block_monitor
-from esb.observe.retry import Retrying
+from esb.observe.retry import BACKING_SERVICE, Retrying
 from esb.odb import MODULE, UNIT, OdbStore
 from esb.outgoing import amqp as outgoing_amqp
 from esb.outgoing import sql as outgoing_sql
@@ -104,6 +105,13 @@ class WorkerRuntime:
         self.generation = -1
         self.generation_error = ""
         self._failed_generation: int | None = None
+        # Why the last build of a generation failed for a reason other than the generation
+        # itself (a file under run/ not writable, a full disk, the ODB away); "" once it built.
+        self.build_error = ""
+        self._build_failures = 0
+        # Units of the applied generation left out because they do not resolve here (an
+        # environment variable unset in this worker): "unit: reason" each.
+        self.left_out_units: list[str] = []
         self._reload_lock = gevent.lock.Semaphore()
         self.marker = LoadingMarker(config.run_dir, self.pid)
         self.started_at = utc_now_iso()
@@ -148,14 +156,15 @@ class WorkerRuntime:
 
     # -- lifecycle ---------------------------------------------------------------------
 
+    @property
+    def is_ready(self) -> bool:
+        """True once this worker built a generation: before, it has no channel to serve."""
+        return self.generation >= 0
+
     def start(self) -> None:
-        try:
-            # Workers that died importing a module left markers: count them, roll back a
-            # version that keeps killing workers, then load.
-            claim_crashes(self.config.run_dir, self.odb, host=self.host)
-            self.reload()
-        except (OdbUnavailable, RedisError) as exc:
-            logger.error("worker %d could not load its state (%s); retrying in the background", self.pid, exc)
+        """Build the generation, then start the loops whatever that gave: a worker that
+        could not build keeps beating (saying why) and its ODB poll retries the build."""
+        first_poll_s = self._reload_logged()
         start_block_monitor(self.config.observe.block_warn_s)
         try:
             self.publisher = metrics.Publisher()
@@ -166,7 +175,7 @@ class WorkerRuntime:
         self._greenlets = [
             gevent.spawn(self.heartbeat.run_forever),
             gevent.spawn(self.watch_deploys),
-            gevent.spawn(self.poll_odb),
+            gevent.spawn(self.poll_odb, first_poll_s),
             gevent.spawn(self.publish_metrics),
             gevent.spawn(self.check_databases),
         ]
@@ -175,13 +184,14 @@ class WorkerRuntime:
         # holds, about 80 ms with the worker still; what start() built lives as long as the
         # worker, so collections skip it from here on.
         gc.freeze()
-        logger.info(
-            "worker %d ready: generation %d, %d services, %d channels",
-            self.pid,
-            self.generation,
-            len(self.store.services),
-            len(self.sink.table),
-        )
+        if self.is_ready:
+            logger.info(
+                "worker %d ready: generation %d, %d services, %d channels",
+                self.pid,
+                self.generation,
+                len(self.store.services),
+                len(self.sink.table),
+            )
 
     def _open_connections(self) -> None:
         """Half the pool, ahead of the first burst of work; the rest stays free for
@@ -211,8 +221,16 @@ class WorkerRuntime:
 
     def reload(self) -> None:
         """Apply the ODB's generation if it moved; one that does not apply here leaves this
-        worker on what it had (at start: the last good generation) and says so."""
+        worker on what it had (at start: the last good generation) and says so.
+
+        Any other error (the ODB away, a file under run/ that cannot be written) is
+        raised: the generation may well apply once it is gone, so the caller retries.
+        """
         with self._reload_lock:
+            if not self.is_ready:
+                # Workers that died importing a module left markers: count them, roll back
+                # a version that keeps killing workers, then load.
+                claim_crashes(self.config.run_dir, self.odb, host=self.host)
             target = self.odb.generation()
             if target in (self.generation, self._failed_generation):
                 return
@@ -259,16 +277,21 @@ class WorkerRuntime:
         """
         modules = self.odb.current(MODULE, at=generation)
         units = self.odb.current(UNIT, at=generation)
-        definitions = self.definitions
+        unit_texts = [(u.name, u.content) for u in units]
         try:
             # The ODB holds only units that passed every check on deploy, and a worker
             # builds no trigger: skipping that check keeps APScheduler out of workers.
-            definitions = merge_units([(u.name, u.content) for u in units], check_triggers=False)
+            definitions, left_out = merge_units(unit_texts, check_triggers=False), []
         except ConfigError as exc:
             if strict:
                 raise
+            definitions, errors = merge_what_resolves(unit_texts)
+            left_out = [str(error) for error in errors]
             logger.error(
-                "definitions of generation %d rejected here (%s); the previous ones serve", generation, exc
+                "definitions of generation %d do not all apply here (%s); it serves them without %s",
+                generation,
+                exc,
+                ", ".join(error.file for error in errors),
             )
         deployment_of = {m.name: m.deployment_id for m in modules}
         try:
@@ -283,7 +306,9 @@ class WorkerRuntime:
             self.marker.clear()
         self.store.install(state)
         self.definitions = definitions
+        self.left_out_units = left_out
         self.sink.table = compile_channels(definitions)
+        self.sink.unavailable = None
         outgoing = self.services.outgoing
         outgoing.amqp = outgoing_amqp.refresh(outgoing.amqp, definitions.of("outconn.amqp"))
         outgoing.sql = outgoing_sql.refresh(outgoing.sql, definitions.of("outconn.sql"))
@@ -306,10 +331,11 @@ class WorkerRuntime:
         finally:
             notices.close()
 
-    def poll_odb(self) -> None:
+    def poll_odb(self, first_wait_s: float = ODB_POLL_S) -> None:
         """The safety net under pub/sub: a missed notice costs at most ODB_POLL_S; while the
-        ODB is away, it is tried again at the retry policy's (shorter) intervals."""
-        wait_s = ODB_POLL_S
+        ODB is away or a build fails, it is tried again at the retry policy's (shorter)
+        intervals."""
+        wait_s = first_wait_s
         while True:
             gevent.sleep(wait_s)
             wait_s = self._reload_logged()
@@ -319,14 +345,41 @@ class WorkerRuntime:
                 logger.debug("last good generation not checked (%s)", exc)
 
     def _reload_logged(self) -> float:
-        """Reload; an ODB away is logged once per outage, and the worker keeps serving its
-        generation. Answers the seconds until the ODB poll should look again."""
+        """Reload; an ODB away is logged once per outage, any other failure once per run of
+        failures, and the worker keeps serving its generation (if it has one: until then
+        its channels answer 503). Answers the seconds until the ODB poll should look again.
+        """
         try:
             self.reload()
         except OdbUnavailable as exc:
+            self._build_failed(exc, is_logged=True)
             return min(self._odb_retrying.failed(exc), ODB_POLL_S)
+        except Exception as exc:  # whatever it is, the next try may succeed: never give up
+            return self._build_failed(exc)
         self._odb_retrying.succeeded()
+        if self.build_error:
+            logger.info("worker %d built generation %d after %d failed attempts",
+                        self.pid, self.generation, self._build_failures)
+        self.build_error = ""
+        self._build_failures = 0
         return ODB_POLL_S
+
+    def _build_failed(self, exc: Exception, *, is_logged: bool = False) -> float:
+        """Record why the build failed, log the first failure of a run, and answer the
+        wait before the next try (the backing-service policy: seconds, not minutes)."""
+        self.build_error = f"{type(exc).__name__}: {exc}"
+        self._build_failures += 1
+        if not self.is_ready:
+            self.sink.unavailable = f"worker {self.pid} has not built its generation yet ({self.build_error})"
+        if self._build_failures == 1 and not is_logged:
+            logger.exception(
+                "worker %d could not build the ODB's generation; %s; retrying",
+                self.pid,
+                f"it keeps serving generation {self.generation}"
+                if self.is_ready
+                else "until it can, its channels answer 503",
+            )
+        return BACKING_SERVICE.interval_s(self._build_failures)
 
     def check_databases(self) -> None:
         """Ping the databases services use, for status: off every request's path."""
@@ -446,6 +499,10 @@ class WorkerRuntime:
             "started_at": self.started_at,
             "generation": str(self.generation),
             "generation_error": self.generation_error,
+            # Not ready: no generation built yet, its channels answer 503 (BUILD_ERROR says why).
+            "ready": "1" if self.is_ready else "0",
+            "build_error": self.build_error,
+            "left_out_units": json.dumps(self.left_out_units),
             # What this worker can run: status checks each channel's and job's service here.
             "services": json.dumps(sorted(self.store.services)),
             "inflight": str(len(self.consumer.inflight)),

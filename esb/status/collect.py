@@ -30,6 +30,7 @@ from esb.observe.retry import unreachable
 from esb.odb import OdbStore, RejectedDeployment
 from esb.outgoing.amqp.status import amqp_status
 from esb.outgoing.sql import sql_status
+from esb.status.readiness import readiness_problems
 
 JOB_GRACE_S = 5.0
 # A worker polls the ODB every few seconds: this long on another generation is a problem.
@@ -67,6 +68,10 @@ def _workers(client: redis.Redis, keys: Keys, stale_after_s: float, now: dt.date
                 "generation_error": fields.get("generation_error") or None,
                 "services": _services_field(fields.get("services")),
                 "inflight": int(fields.get("inflight", 0)),
+                # A heartbeat without these fields comes from an esb that served whatever it had.
+                "ready": fields.get("ready", "1") == "1",
+                "build_error": fields.get("build_error") or None,
+                "left_out_units": _list_field(fields.get("left_out_units")),
             }
         )
     return sorted(workers, key=lambda w: (w["host"] or "", w["pid"]))
@@ -81,6 +86,14 @@ def _services_field(raw: str | None) -> list[str] | None:
     except ValueError:
         return None
     return sorted(names) if isinstance(names, list) else None
+
+
+def _list_field(raw: str | None) -> list[str]:
+    try:
+        values = json.loads(raw or "[]")
+    except ValueError:
+        return []
+    return [str(v) for v in values] if isinstance(values, list) else []
 
 
 def _job_is_stale(job: JobDef, facts: JobFacts, now: dt.datetime) -> bool:
@@ -293,6 +306,7 @@ def collect_status(
         for j in scheduler["jobs"]
         if j["last_error"]
     )
+    problems.extend(readiness_problems(workers, config))
     problems.extend(service_problems(definitions, workers))
     deploy: dict[str, Any] | None = None
     if odb is not None:

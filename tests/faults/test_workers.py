@@ -4,16 +4,18 @@ and a service that holds the event loop is named in the log."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import requests
 
-from tests.helpers import pid_alive, wait_until
+from tests.helpers import esb, pid_alive, wait_until
 
 SERVICES = '''
 import os
+import shutil
 import time
 
 from esb import Service
@@ -209,3 +211,48 @@ def test_embedded_redis_that_dies_is_restarted(esb_server, tmp_path):
     wait_until(new_redis, timeout_s=5, message="the launcher restarted the embedded Redis")
     deploy_services(server, tmp_path)  # deploy notices and the dispatch stream work again
     wait_until(lambda: any(w["alive"] for w in server.status()["workers"]), message="heartbeats resume")
+
+
+def status_exit(server) -> int:
+    return esb("status", str(server.directory)).returncode
+
+
+def test_replacement_that_cannot_build_answers_503_until_it_can(esb_server, tmp_path):
+    """A replacement worker that cannot write under run/ (its loading marker, written
+    before each module import) is not ready: it answers 503, never 404, status says so,
+    and once the fault is gone it builds its generation by itself."""
+    server = esb_server(workers=2)
+    deploy_services(server, tmp_path)
+    loading = server.directory / "run" / "loading"
+    shutil.rmtree(loading, ignore_errors=True)
+    loading.write_text("not a directory\n")  # mkdir fails for root too
+    before = server.worker_pids()
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+    server.replacement_of(victim, before)
+
+    def answers() -> list[int]:
+        return [
+            requests.post(server.url("/t/where"), timeout=5, headers={"Connection": "close"}).status_code
+            for _ in range(20)
+        ]
+
+    def not_ready_reported() -> bool:
+        problems = server.status()["problems"]
+        return any("not ready" in p for p in problems)
+
+    codes: list[int] = []
+
+    def replacement_answered() -> bool:
+        codes.extend(answers())
+        return bool({404, 503} & set(codes))
+
+    wait_until(replacement_answered, timeout_s=15, message="the replacement answered a request")
+    assert 404 not in codes, codes
+    assert set(codes) <= {200, 503}, codes
+    wait_until(not_ready_reported, timeout_s=15, message="status names the worker that is not ready")
+    assert status_exit(server) != 0
+
+    loading.unlink()
+    wait_until(lambda: set(answers()) == {200}, timeout_s=20, message="every request answers 200")
+    wait_until(lambda: status_exit(server) == 0, timeout_s=20, message="esb status exits 0")

@@ -9,7 +9,7 @@ from typing import Any
 import falcon
 
 from esb.security import BasicAuthCheck
-from esb.server.http.channels import decode_json, read_body, write_response
+from esb.server.http.channels import ChannelSink, decode_json, read_body, write_response
 from esb.server.http.errors import CID_HEADER, cid_of
 from esb.service import HttpInfo, ServiceRuntime
 from esb.service.base import Headers
@@ -18,9 +18,24 @@ PING_BODY = b'{"status": "ok"}'
 
 
 class PingResource:
-    """Answers while the worker's loop runs; needs no credential (load balancers probe it)."""
+    """Answers while the worker's loop runs; needs no credential (load balancers probe it).
+
+    A worker that has not built its generation answers 503 with the reason: it would
+    answer every channel 503, so neither a load balancer nor `esb start` (which waits for
+    this answer) may take it for serving.
+    """
+
+    def __init__(self, sink: ChannelSink):
+        self.sink = sink
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        unavailable = self.sink.unavailable
+        if unavailable is not None:
+            resp.status = falcon.HTTP_503
+            resp.data = json.dumps({"status": "not ready", "error": unavailable, "cid": cid_of(req)}).encode()
+            resp.content_type = falcon.MEDIA_JSON
+            resp.set_header(CID_HEADER, cid_of(req))
+            return
         resp.data = PING_BODY
         resp.content_type = falcon.MEDIA_JSON
         resp.set_header(CID_HEADER, cid_of(req))

@@ -38,12 +38,12 @@ def make_app(
     auth = AdminAuth(BasicAuthCheck(config.admin.username, config.admin.password))
     max_body = config.http.max_body_bytes
     body_timeout_s = config.http.body_timeout_s
-    app.add_route("/esb/ping", PingResource())
     app.add_route("/esb/status", StatusResource(auth, collect_status))
     app.add_route("/esb/invoke/{service}", InvokeResource(auth, runtime, max_body, body_timeout_s))
     metrics_auth = auth if config.http.metrics_auth == "admin" else None
     app.add_route("/metrics", MetricsResource(metrics_auth, render_metrics))
 
     sink = ChannelSink(runtime, max_body, body_timeout_s)
+    app.add_route("/esb/ping", PingResource(sink))
     app.add_sink(sink, prefix="/")
     return app, sink

@@ -272,10 +272,15 @@ class ChannelSink:
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.table: dict[str, CompiledChannel] = {}
+        # Why this worker serves no channel yet (it has not built a generation), or None:
+        # then every path answers 503, since any of them may be a deployed channel.
+        self.unavailable: str | None = "this worker has not built its generation yet"
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_params: Any) -> None:
         channel = self.table.get(req.path)
         if channel is None:
+            if self.unavailable is not None:
+                raise falcon.HTTPServiceUnavailable(description=self.unavailable)
             raise falcon.HTTPNotFound(description=f"no channel at {req.path}")
         cid = cid_of(req)
         req.env[metrics.CHANNEL_KEY] = channel.definition.name  # counted by metrics.counting
