@@ -5,6 +5,11 @@ database (its result's columns, not a row read) to find a watermark column the r
 lacks. A database that cannot be asked (unreachable, a URL naming an unset variable, a
 query it refuses) leaves that check undone with a warning saying why, not a failure:
 the configuration may well be right for the database the server will see.
+
+The units the ODB holds (deployed earlier, by hand or by a peer) are checked too, except
+those config/ deploys again at start: each must resolve in this shell's environment,
+which is the one `esb start` from here gives the workers. An ODB that cannot be read
+leaves that check undone with a warning.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from esb.cli.common import BAD_CONFIG, OK, load_or_exit
-from esb.config import Definitions, merge_units
+from esb.config import Definitions, ServerConfig, merge_units
 from esb.config.definitions import SqlNotificationDef, SqlOutconnDef, resolve_env
-from esb.errors import ConfigError
+from esb.deploy.stored import check_stored_units
+from esb.errors import ConfigError, OdbUnavailable
 from esb.notification.runner import db_message, missing_columns, result_columns
 from esb.outgoing.sql import engine_options
 
@@ -49,9 +55,31 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"esb: {exc}", file=sys.stderr)
         return BAD_CONFIG
+    unresolved = stored_unit_problems(config, frozenset(Path(name).name for name, _ in units))
+    if unresolved:
+        for sentence in unresolved:
+            print(f"esb: unit stored in the ODB: {sentence}", file=sys.stderr)
+        return BAD_CONFIG
     counts = ", ".join(f"{len(objs)} {kind}" for kind, objs in sorted(definitions.objects.items()))
     print(f"server.conf ok; {len(units)} definition files ok ({counts or 'no objects'})")
     return OK
+
+
+def stored_unit_problems(config: ServerConfig, in_config_dir: frozenset[str]) -> list[str]:
+    """The ODB's units that do not resolve here (see the module's docstring)."""
+    from esb.odb import OdbStore
+
+    odb_url = config.odb_url
+    if odb_url.startswith("sqlite:///") and not Path(odb_url.removeprefix("sqlite:///")).exists():
+        return []  # never started: nothing stored (and sqlite3 would make an empty file)
+    odb = OdbStore(odb_url)
+    try:
+        return check_stored_units(odb, str(config.directory), skip=in_config_dir)
+    except (OdbUnavailable, ConfigError) as exc:
+        print(f"esb: warning: the ODB's units not checked: {exc}", file=sys.stderr)
+        return []
+    finally:
+        odb.dispose()
 
 
 def check_watermark_columns(definitions: Definitions) -> list[str]:

@@ -41,15 +41,18 @@ def prepared_marker(run_dir: Path) -> Path:
 
 
 def prepare_odb(config: ServerConfig) -> list[str]:
-    """Create the ODB schema and store ``config/*.toml`` (each unit unless unchanged); the
-    outcomes. Raises ConfigError or DeployError for invalid definitions, EsbError (among
-    them OdbUnavailable) when it cannot be done.
+    """Create the ODB schema, store ``config/*.toml`` (each unit unless unchanged) and check
+    that every stored unit resolves in this environment; the outcomes. Raises ConfigError
+    or DeployError for invalid definitions (a stored unit naming an unset variable among
+    them), EsbError (among them OdbUnavailable) when it cannot be done.
 
     Run at each start, by the arbiter before it forks (it imports all this for its workers
     anyway), or by an apply process when this launcher runs no server (``--only``).
     """
     from esb.bus import Keys, make_redis
     from esb.deploy.deployer import Deployer
+    from esb.deploy.stored import check_stored_units
+    from esb.errors import ConfigError
     from esb.odb import OdbStore
 
     odb = OdbStore(config.odb_url)
@@ -62,6 +65,11 @@ def prepare_odb(config: ServerConfig) -> list[str]:
             outcome = deployer.deploy_unit_text(path.name, path.read_text(encoding="utf-8"))
             if outcome is not None:
                 outcomes.append(str(outcome))
+        # A unit deployed earlier may name a variable this start's environment lacks: its
+        # workers would serve without it. Refused here, before any worker forks.
+        unresolved = check_stored_units(odb, str(config.directory))
+        if unresolved:
+            raise ConfigError("units stored in the ODB", None, " | ".join(unresolved))
         return outcomes
     finally:
         odb.dispose()

@@ -99,3 +99,43 @@ def test_stale_pid_files_naming_another_process_are_never_signalled(esb_server):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+PARTNER_UNIT = """
+[[security.api_key]]
+name = "partner-key"
+header = "X-API-Key"
+value = "$ENV{PARTNER_KEY}"
+
+[[channel.http]]
+name = "partner-hello"
+path = "/partner/hello"
+service = "demo.hello"
+security = "partner-key"
+"""
+
+
+def test_start_without_a_variable_a_stored_unit_names_is_refused(esb_server, tmp_path, monkeypatch):
+    """A unit deployed while PARTNER_KEY was set, then a restart from a shell without it:
+    `esb start` refuses, naming the unit, the variable and the way out, and so does
+    `esb check-config` (which reads the ODB's units too)."""
+    monkeypatch.setenv("PARTNER_KEY", "k1")
+    server = esb_server()
+    directory = str(server.directory)
+    unit = tmp_path / "partner.toml"
+    unit.write_text(PARTNER_UNIT)
+    assert server.deploy(unit).returncode == 0
+    server.stop()
+    monkeypatch.delenv("PARTNER_KEY")
+
+    started = esb("start", directory)
+    try:
+        assert started.returncode != 0, started.stdout
+    finally:
+        esb("stop", directory)
+    for words in ("partner.toml", "PARTNER_KEY", f"esb undeploy {directory} partner.toml"):
+        assert words in started.stderr, started.stderr
+
+    checked = esb("check-config", directory)
+    assert checked.returncode != 0, checked.stdout
+    assert "partner.toml" in checked.stderr and "PARTNER_KEY" in checked.stderr, checked.stderr
