@@ -17,7 +17,10 @@ still best: the rename is atomic, and the file is whole the moment it appears.
 
 A deployed file moves to ``pickup/deployed/`` (the newest ``keep_deployed`` are kept), a
 rejected one to ``pickup/rejected/`` with a ``.error`` file beside it saying why; the
-operator's copy is never deleted unread. Symlinks are refused (moved to rejected/ as
+operator's copy is never deleted unread. A file whose deploy process crashes or times out
+is tried ``DEPLOY_TRIES`` times, then rejected with the last reason: the same text would
+crash it again. Only an ODB that cannot be reached keeps a file waiting for as long as
+it lasts. Symlinks are refused (moved to rejected/ as
 links, never followed). Hidden files (``.name``) and other suffixes are left alone, so
 ``.orders.py.tmp`` can be written in place and renamed.
 """
@@ -40,6 +43,8 @@ POLL_S = 0.5
 SUFFIXES = (".py", ".toml")
 DEPLOYED = "deployed"
 REJECTED = "rejected"
+# Tries of a file whose deploy process crashed or timed out, before it is rejected.
+DEPLOY_TRIES = 3
 
 Signature = tuple[int, int, int]  # inode, size, mtime_ns
 
@@ -101,6 +106,8 @@ class PickupWatcher:
         self.keep_deployed = keep_deployed
         # name -> (signature, monotonic time it was first seen with that signature)
         self._seen: dict[str, tuple[Signature, float]] = {}
+        # name -> (signature, failed deploy processes of that version of the file)
+        self._failures: dict[str, tuple[Signature, int]] = {}
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -191,9 +198,17 @@ class PickupWatcher:
                          path.name, result.problem)
             self.reject(path, str(result.problem))
             return
-        if result.code != 0:  # the ODB unavailable, or the deploy process failed: keep the file
+        if result.must_wait:  # the ODB unavailable: keep the file for as long as that lasts
             logger.warning("pickup: %s waits (%s); trying again on the next pass", path.name, result.problem)
             return
+        if result.code != 0:  # the deploy process crashed or timed out
+            if self._count_failure(path.name, signature) >= DEPLOY_TRIES:
+                self.reject(path, f"{path.name}: its deploy failed {DEPLOY_TRIES} times: {result.problem}")
+                return
+            logger.warning("pickup: %s: its deploy failed (%s); trying again on the next pass",
+                           path.name, result.problem)
+            return
+        self._failures.pop(path.name, None)
         for outcome in result.outcomes:
             logger.info("pickup: %s", outcome)
         self._seen.pop(path.name, None)
@@ -207,9 +222,17 @@ class PickupWatcher:
         self._move(path, DEPLOYED)
         self._prune()
 
+    def _count_failure(self, name: str, signature: Signature) -> int:
+        """One more failed deploy of NAME as it is now (a changed file counts from zero)."""
+        before, count = self._failures.get(name, (signature, 0))
+        count = count + 1 if before == signature else 1
+        self._failures[name] = (signature, count)
+        return count
+
     def reject(self, path: Path, reason: str) -> None:
         """Move PATH to rejected/ with a .error file beside it; the operator's copy stays."""
         self._seen.pop(path.name, None)
+        self._failures.pop(path.name, None)
         target = self._move(path, REJECTED)
         if target is not None:
             target.with_name(target.name + ".error").write_text(reason + "\n", encoding="utf-8")

@@ -13,6 +13,9 @@ deployed module runs with the server's rights anyway, so it is not a sandbox.
 
 The parent measures the imports against a limit below ``[main] timeout_s`` (a worker
 whose loop is held that long is killed by the arbiter) and kills the child past it.
+The child runs in a process group of its own, and once it has answered (or timed out)
+the whole group is killed: a process a module started at import (from a thread, by
+multiprocessing) must not outlive the verdict, one more per later deploy.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import secrets
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,6 +76,7 @@ def validate_modules(
                 env=dict(environ),
                 cwd=str(cwd) if cwd else None,
                 close_fds=True,
+                start_new_session=True,
             )
         finally:
             os.close(write_fd)
@@ -83,12 +88,18 @@ def validate_modules(
             events = _read_events(proc, read_fd, nonce, limit_s)
         finally:
             os.close(read_fd)
-            if proc.poll() is None:
-                proc.kill()
+            _kill_group(proc)
             proc.wait()
         stderr.seek(0)
         tail = stderr.read().decode("utf-8", "replace").strip().splitlines()
     return _verdicts(events, proc.returncode, tail, limit_s)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End the child and everything in its process group. Before it is reaped, the
+    child's pid (the group's id) cannot go to another process."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _read_events(proc: subprocess.Popen, fd: int, nonce: str, limit_s: float) -> list[dict]:

@@ -22,7 +22,7 @@ from esb.config import load_server_config
 from esb.deploy.generations import read_deploy_facts
 from esb.odb import MODULE, UNIT, OdbStore
 from tests.conftest import REDIS_URL
-from tests.helpers import ESB, esb, wait_until
+from tests.helpers import ESB, esb, pid_alive, wait_until
 from tests.integration.test_deploy import CHANNEL, VERSIONED
 
 
@@ -265,3 +265,65 @@ def test_undeploy_unit_channels_404_on_every_worker(esb_server, tmp_path):
                message="every worker at the undeploy's generation")
     # The module has no channel left: now it may go too.
     assert esb("undeploy", str(server.directory), "versioned.py").returncode == 0
+
+
+def test_pickup_file_that_crashes_the_deploy_process_is_rejected(esb_server, tmp_path):
+    """TOML nested deep enough to crash the deploy process: a bounded number of tries,
+    then pickup/rejected/ with the reason, never a retry every pass for ever."""
+    server = esb_server(conf={("pickup", "settle_s"): 0.2})
+    pickup = server.directory / "pickup"
+    (pickup / "deep.toml").write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    wait_until(lambda: list((pickup / "rejected").glob("*-deep.toml.error")), timeout_s=40,
+               message="the file that crashes its deploy process rejected")
+    error = next((pickup / "rejected").glob("*-deep.toml.error")).read_text()
+    assert "deep.toml" in error and "RecursionError" in error, error
+    assert not (pickup / "deep.toml").exists()
+
+
+LINGERING = '''
+import os
+import sys
+import threading
+import time
+
+from esb import Service
+
+
+def _linger(started):
+    """In the validating process only: a process of its own that outlives the import."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(120)
+        os._exit(0)
+    open(os.path.join({marks!r}, str(pid)), "w").close()
+    started.set()
+
+
+if getattr(sys.modules["__main__"].__spec__, "name", "") == "esb.deploy.validate":
+    _started = threading.Event()
+    threading.Thread(target=_linger, args=(_started,)).start()
+    _started.wait(10)
+
+
+class Lingering(Service):
+    name = "t.lingering"
+
+    def handle(self):
+        self.response.payload = {{"ok": True}}
+'''
+
+
+def test_validation_leaves_no_process_behind(esb_server, tmp_path):
+    """A module whose import starts a thread that starts a process: once the validating
+    process gave its verdict, nothing it started runs on, deploy after deploy."""
+    server = esb_server()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    module = write(tmp_path, "lingering.py", LINGERING.format(marks=str(marks)))
+    for _ in range(2):  # the second deploy validates the set again, the lingering one with it
+        done = server.deploy(module)
+        assert done.returncode == 0, done.stderr
+    wait_until(lambda: len(list(marks.iterdir())) >= 2, message="each validation started its process")
+    pids = [int(p.name) for p in marks.iterdir()]
+    wait_until(lambda: not [pid for pid in pids if pid_alive(pid)], timeout_s=10,
+               message=f"the processes the validations started ended ({pids})")
