@@ -139,3 +139,22 @@ def test_start_without_a_variable_a_stored_unit_names_is_refused(esb_server, tmp
     checked = esb("check-config", directory)
     assert checked.returncode != 0, checked.stdout
     assert "partner.toml" in checked.stderr and "PARTNER_KEY" in checked.stderr, checked.stderr
+
+
+def test_pid_file_without_a_start_time_naming_another_process_is_not_signalled(esb_server):
+    """An older esb wrote only the pid: without a start time, the pid counts as esb's
+    only when /proc shows an esb launcher of this directory, which `sleep` is not."""
+    server = esb_server(start=False)
+    directory = str(server.directory)
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        run = server.directory / "run"
+        (run / "esb.pid").write_text(f"{stranger.pid}\n")
+        (run / "children.json").write_text(json.dumps({"server": stranger.pid}))
+        stopped = esb("stop", directory)
+        assert stranger.poll() is None, "esb stop signalled a process it did not start"
+        assert stopped.returncode == 0, stopped.stderr
+        assert f"stale run/esb.pid (pid {stranger.pid} is another process); removed" in stopped.stdout
+    finally:
+        stranger.kill()
+        stranger.wait()
