@@ -1,4 +1,7 @@
-"""`esb undeploy DIR NAME`: remove a service module or a definitions unit, cluster-wide."""
+"""`esb undeploy DIR NAME`: remove a service module or a definitions unit, cluster-wide.
+
+A unit that a file in config/ defines is deployed again by every start: undeploying it
+says so, naming the file, rather than let it come back unannounced."""
 
 from __future__ import annotations
 
@@ -23,6 +26,14 @@ def run(args: argparse.Namespace) -> int:
     config = load_or_exit(args.directory)
     try:
         print(make_deployer(config).undeploy(args.name))
+        comes_back = config.config_dir / args.name
+        if args.name.endswith(".toml") and comes_back.is_file():
+            shown = comes_back.relative_to(config.directory)
+            print(
+                f"esb: warning: {shown} defines this unit, and every esb start deploys config/ again: "
+                f"remove {shown} too, or the unit comes back at the next start",
+                file=sys.stderr,
+            )
     except (DeployError, ConfigError) as exc:
         print(f"esb: refused {exc}; nothing was removed", file=sys.stderr)
         return FAILURE

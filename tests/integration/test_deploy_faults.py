@@ -327,3 +327,11 @@ def test_validation_leaves_no_process_behind(esb_server, tmp_path):
     pids = [int(p.name) for p in marks.iterdir()]
     wait_until(lambda: not [pid for pid in pids if pid_alive(pid)], timeout_s=10,
                message=f"the processes the validations started ended ({pids})")
+
+
+def test_undeploy_of_a_unit_config_brings_back_says_so(esb_server):
+    server = esb_server()
+    done = esb("undeploy", str(server.directory), "demo.toml")
+    assert done.returncode == 0, done.stderr
+    assert "warning: config/demo.toml defines this unit" in done.stderr, done.stderr
+    assert "comes back at the next start" in done.stderr
