@@ -55,14 +55,27 @@ def admin_request(
 
 
 def ping(config: ServerConfig, timeout_s: float = 2.0) -> bool:
+    """True when /esb/ping answers 200: a worker serves the deployed generation."""
+    return ping_answer(config, timeout_s) == ""
+
+
+def ping_answer(config: ServerConfig, timeout_s: float = 2.0) -> str | None:
+    """"" when /esb/ping answers 200; why not when a worker answers otherwise (503 while it
+    has not built its generation); None when nothing answers."""
     import urllib.error  # here: see admin_request
     import urllib.request
 
     try:
         with urllib.request.urlopen(base_url(config) + "/esb/ping", timeout=timeout_s) as response:
-            return response.status == 200
+            return "" if response.status == 200 else f"/esb/ping answered {response.status}"
+    except urllib.error.HTTPError as exc:
+        try:
+            said = json.loads(exc.read()).get("error")
+        except (OSError, ValueError, AttributeError):
+            said = None
+        return f"/esb/ping answered {exc.code}: {said or exc.reason}"
     except (OSError, urllib.error.URLError):
-        return False
+        return None
 
 
 def print_json(data: Any) -> None:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from esb.cli.common import FAILURE, OK, load_or_exit, ping
+from esb.cli.common import FAILURE, OK, load_or_exit, ping_answer
 from esb.config.secrets import keep_private
 from esb.launcher import ROLES, Launcher, StartError, running_launcher
 from esb.observe import setup_logging
@@ -66,18 +66,24 @@ def run(args: argparse.Namespace) -> int:
         )
     deadline = time.monotonic() + START_TIMEOUT_S
     needs_http = "server" in roles_of(args)
+    not_ready = None  # what a worker that is not ready answered last
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             print(f"esb: the server did not start:\n{_tail(launcher_log, offset)}", file=sys.stderr)
             return FAILURE
-        if (needs_http and ping(config, timeout_s=1.0)) or (
+        answer = ping_answer(config, timeout_s=1.0) if needs_http else None
+        if answer:
+            not_ready = answer
+        if answer == "" or (
             not needs_http and time.monotonic() > deadline - START_TIMEOUT_S + 2
         ):
             print(f"esb: started {config.directory} (pid {proc.pid})")
             return OK
         time.sleep(PING_POLL_S)
+    said = f"the last: {not_ready}" if not_ready else "no answer"
     print(
-        f"esb: no answer from /esb/ping within {START_TIMEOUT_S} s; see {launcher_log} and server.log",
+        f"esb: /esb/ping did not answer 200 within {START_TIMEOUT_S} s ({said}); the server keeps "
+        f"trying (esb stop ends it); see {launcher_log} and server.log",
         file=sys.stderr,
     )
     return FAILURE
