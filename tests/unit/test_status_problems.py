@@ -56,3 +56,38 @@ def test_generation_a_worker_could_not_apply_and_rollbacks():
         "module m version 2 was rejected at 2026-01-01T00:00:00Z: 2 workers died while importing it (m.py); "
         "deploy a fixed version or undeploy it",
     ]
+
+
+def test_readiness_counts_live_ready_workers_of_this_server(tmp_path):
+    import socket
+
+    from esb.config import load_server_config
+    from esb.status.readiness import readiness_problems
+
+    (tmp_path / "server.conf").write_text("[main]\nworkers = 2\n[admin]\nusername = a\npassword = b\n")
+    config = load_server_config(tmp_path)
+    here = {"host": socket.gethostname(), "server": str(config.directory), "alive": True, "generation": 3,
+            "build_error": None, "left_out_units": []}
+    ready = here | {"pid": 1, "ready": True}
+    assert readiness_problems([ready, ready | {"pid": 2}], config) == []
+    building = here | {"pid": 2, "ready": False, "build_error": "FileExistsError: run/loading"}
+    problems = readiness_problems([ready, building], config)
+    assert any(":2 is not ready" in p and "FileExistsError" in p for p in problems), problems
+    assert any("1 of the 2 workers" in p for p in problems), problems
+    left_out = ready | {"pid": 2, "left_out_units": ["partner.toml: x: environment variable K is not set"]}
+    problems = readiness_problems([ready, left_out], config)
+    assert any("without unit partner.toml" in p and " K " in p for p in problems), problems
+
+
+def test_units_that_do_not_resolve_are_left_out_alone():
+    from esb.deploy.stored import merge_what_resolves
+
+    secured = '[[security.api_key]]\nname = "k"\nheader = "X-K"\nvalue = "$ENV{UNSET_HERE_XYZ}"\n'
+    uses = '[[channel.http]]\nname = "s"\npath = "/s"\nservice = "x.s"\nsecurity = "k"\n'
+    plain = '[[channel.http]]\nname = "p"\npath = "/p"\nservice = "x.p"\n'
+    definitions, left_out = merge_what_resolves(
+        [("a-secured.toml", secured), ("b-uses.toml", uses), ("c-plain.toml", plain)], environ={}
+    )
+    assert set(definitions.channels) == {"p"}
+    assert [e.file for e in left_out] == ["a-secured.toml", "b-uses.toml"]
+    assert "UNSET_HERE_XYZ" in str(left_out[0])
