@@ -232,7 +232,9 @@ class WorkerRuntime:
                 # a version that keeps killing workers, then load.
                 claim_crashes(self.config.run_dir, self.odb, host=self.host)
             target = self.odb.generation()
-            if target in (self.generation, self._failed_generation):
+            # A generation that failed here is not tried again while an older one serves;
+            # a worker with none yet tries until it has one.
+            if target == self.generation or (self.is_ready and target == self._failed_generation):
                 return
             try:
                 self._apply(target, strict=True)
