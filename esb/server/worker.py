@@ -494,6 +494,13 @@ class WorkerRuntime:
     # -- facts -------------------------------------------------------------------------
 
     def _heartbeat_fields(self) -> dict[str, str]:
+        fields = self._facts()
+        if not self.is_ready:
+            # It loaded nothing yet: its readiness is the problem, not each service it lacks.
+            del fields["services"]
+        return fields
+
+    def _facts(self) -> dict[str, str]:
         return {
             "pid": str(self.pid),
             "host": self.host,
