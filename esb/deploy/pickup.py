@@ -20,9 +20,9 @@ rejected one to ``pickup/rejected/`` with a ``.error`` file beside it saying why
 operator's copy is never deleted unread. A file whose deploy process crashes or times out
 is tried ``DEPLOY_TRIES`` times, then rejected with the last reason: the same text would
 crash it again. Only an ODB that cannot be reached keeps a file waiting for as long as
-it lasts. Symlinks are refused (moved to rejected/ as
-links, never followed). Hidden files (``.name``) and other suffixes are left alone, so
-``.orders.py.tmp`` can be written in place and renamed.
+it lasts. Symlinks are refused (moved to rejected/ as links, never followed). Hidden
+files (``.name``) and other suffixes are left alone, so ``.orders.py.tmp`` can be
+written in place and renamed.
 """
 
 from __future__ import annotations
