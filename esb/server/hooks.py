@@ -32,7 +32,9 @@ def post_worker_init(worker) -> None:
     try:
         worker.app.runtime.start()
     except Exception:
-        logger.exception("worker %d: start failed; it serves what it has and keeps retrying", worker.pid)
+        # start() retries a generation it cannot build by itself; this is a fault of esb's
+        # own loops: without its heartbeat, status counts the worker as not live.
+        logger.exception("worker %d: start failed; it serves what it has", worker.pid)
 
 
 def worker_abort(worker) -> None:
