@@ -151,7 +151,7 @@ def test_a_run_overtaken_by_a_later_claim_commits_nothing(tmp_path):
     store.advance("n", [1], "late")
     assert store.claim("n", "next").watermark == [1]
     store.advance("n", [5], "next")
-    for write in (lambda: store.advance("n", [2], "late"), lambda: store.count_failure("n", "late"),
+    for write in (lambda: store.advance("n", [2], "late"), lambda: store.count_attempt("n", "late"),
                   lambda: store.give_up("n", "late", [], "boom", 3, [2])):
         try:
             write()
@@ -161,6 +161,6 @@ def test_a_run_overtaken_by_a_later_claim_commits_nothing(tmp_path):
             raise AssertionError("a superseded run wrote")
     assert store.holds("n", "next") and not store.holds("n", "late")
     assert store.state("n").watermark == [5] and store.state("n").attempts == 0
-    assert store.count_failure("n", "next") == 1
+    assert store.count_attempt("n", "next") == 1
     assert store.dead_letters("n") == []
     engine.dispose()
