@@ -23,14 +23,14 @@ from esb.config import merge_units
 from esb.errors import BusUnavailable, ConfigError, OdbUnavailable
 from esb.notification import job_name
 from esb.notification.runner import notification_key
-from esb.notification.status import notification_rows
+from esb.notification.status import dead_letter_problems, notification_rows
 from esb.notification.store import NotificationStore
 from esb.odb import UNIT, OdbStore
 from esb.scheduler import request_run
 
 DEAD_LETTER_ACTIONS = ("failed", "retry", "drop")
 COLUMNS = ("name", "active", "mode", "last_run", "last_outcome", "runs", "rows", "failures",
-           "consecutive_failures", "next_run", "stale")
+           "consecutive_failures", "next_run", "stale", "dead_letters")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"notification {args.name}: not run ({reply.outcome}): {reply.detail}", file=sys.stderr)
             return FAILURE
         rows = notification_rows(client, keys, definitions)
+        dead_letter_problems(rows, store.dead_letter_counts())  # fills each row's dead_letters
     except (OdbUnavailable, ConfigError) as exc:
         print(f"esb notifications: cannot read the ODB: {exc}", file=sys.stderr)
         return FAILURE

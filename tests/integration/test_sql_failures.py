@@ -131,6 +131,8 @@ def test_plain_mode_dead_letters_a_batch_once_and_failed_retry_drop_handle_it(
     code, said = status_text(server)
     assert code != 0
     assert f"notification {name}: 1 dead-lettered batch" in said, said
+    rows = json.loads(esb("notifications", str(server.directory), "--json").stdout)
+    assert next(r for r in rows if r["name"] == name)["dead_letters"] == 1
 
     listed = esb("notifications", str(server.directory), "failed")
     assert listed.returncode == 0, listed.stderr
