@@ -37,12 +37,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "notifications", help="list SQL notifications, their dead letters, or pause/resume/run one",
         description="Without an action, list every SQL notification with its last run and whether "
-                    "it is stale or failing. --failed lists the batches given up on.",
+                    "it is stale or failing. 'failed [NAME]' (or --failed) lists the batches given "
+                    "up on; 'retry ID' has the next run deliver one once more, 'drop ID' gives it up.",
     )
     p.add_argument("directory")
     p.add_argument("action", nargs="?", choices=["pause", "resume", "run", *DEAD_LETTER_ACTIONS])
     p.add_argument("name", nargs="?", help="the notification; for retry and drop the dead letter's id")
-    p.add_argument("--failed", action="store_true", help="list the dead-lettered batches")
+    p.add_argument("--failed", action="store_true", help="list the dead-lettered batches (as 'failed')")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=run)
 
