@@ -1,7 +1,10 @@
-"""`esb notifications DIR [--failed] [--json]` and `esb notifications DIR pause|resume|run NAME`.
+"""`esb notifications DIR [--failed] [--json]`, `esb notifications DIR pause|resume|run NAME`
+and `esb notifications DIR failed [NAME] | retry ID | drop ID`.
 
 Without an action: every SQL notification with its liveness (the rows of ``esb status``).
-``--failed``: the batches given up on after ``max_attempts`` (the ODB's dead letters).
+``failed`` (or ``--failed``): the batches given up on after ``max_attempts`` (the ODB's
+dead letters), which keep ``esb status`` non-zero until each is retried (its notification's
+next run delivers it once more) or dropped.
 ``pause``/``resume`` set the operator's pause in the ODB (and in the facts status reads);
 a paused notification's firings end at once. ``run`` asks the active scheduler to fire it now.
 """
@@ -20,30 +23,34 @@ from esb.config import merge_units
 from esb.errors import BusUnavailable, ConfigError, OdbUnavailable
 from esb.notification import job_name
 from esb.notification.runner import notification_key
-from esb.notification.status import notification_rows
+from esb.notification.status import dead_letter_problems, notification_rows
 from esb.notification.store import NotificationStore
 from esb.odb import UNIT, OdbStore
 from esb.scheduler import request_run
 
+DEAD_LETTER_ACTIONS = ("failed", "retry", "drop")
 COLUMNS = ("name", "active", "mode", "last_run", "last_outcome", "runs", "rows", "failures",
-           "consecutive_failures", "next_run", "stale")
+           "consecutive_failures", "next_run", "stale", "dead_letters")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "notifications", help="list SQL notifications, their dead letters, or pause/resume/run one",
         description="Without an action, list every SQL notification with its last run and whether "
-                    "it is stale or failing. --failed lists the batches given up on.",
+                    "it is stale or failing. 'failed [NAME]' (or --failed) lists the batches given "
+                    "up on; 'retry ID' has the next run deliver one once more, 'drop ID' gives it up.",
     )
     p.add_argument("directory")
-    p.add_argument("action", nargs="?", choices=["pause", "resume", "run"])
-    p.add_argument("name", nargs="?", help="the notification")
-    p.add_argument("--failed", action="store_true", help="list the dead-lettered batches")
+    p.add_argument("action", nargs="?", choices=["pause", "resume", "run", *DEAD_LETTER_ACTIONS])
+    p.add_argument("name", nargs="?", help="the notification; for retry and drop the dead letter's id")
+    p.add_argument("--failed", action="store_true", help="list the dead-lettered batches (as 'failed')")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action in DEAD_LETTER_ACTIONS or args.failed:
+        return dead_letter_command(args)
     if args.action and not args.name:
         print(f"esb notifications: '{args.action}' needs a name: esb notifications DIR "
               f"{args.action} NAME", file=sys.stderr)
@@ -73,18 +80,8 @@ def run(args: argparse.Namespace) -> int:
                 return OK
             print(f"notification {args.name}: not run ({reply.outcome}): {reply.detail}", file=sys.stderr)
             return FAILURE
-        if args.failed:
-            dead = store.dead_letters(args.name)
-            if args.json:
-                print_json(dead)
-            else:
-                for item in dead:
-                    print(f"{item['created_at']}  {item['name']}  {len(item['rows'])} rows  "
-                          f"{item['attempts']} attempts  {item['error']}")
-                if not dead:
-                    print("(no dead-lettered batches)")
-            return OK
         rows = notification_rows(client, keys, definitions)
+        dead_letter_problems(rows, store.dead_letter_counts())  # fills each row's dead_letters
     except (OdbUnavailable, ConfigError) as exc:
         print(f"esb notifications: cannot read the ODB: {exc}", file=sys.stderr)
         return FAILURE
@@ -98,6 +95,58 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render_table(rows))
     return OK
+
+
+def dead_letter_command(args: argparse.Namespace) -> int:
+    """``failed [NAME]`` lists the dead letters (of NAME); ``retry ID`` and ``drop ID``
+    handle one. Only the ODB is asked: a worker's next run delivers a retried letter."""
+    action = "failed" if args.failed and not args.action else args.action
+    letter_id: int | None = None
+    if action in ("retry", "drop"):
+        try:
+            letter_id = int(args.name or "")
+        except ValueError:
+            print(f"esb notifications: '{action}' needs the id of a dead letter (see 'esb notifications "
+                  f"DIR failed'), not {args.name!r}", file=sys.stderr)
+            return BAD_CONFIG
+    config = load_or_exit(args.directory)
+    odb = OdbStore(config.odb_url)
+    try:
+        store = NotificationStore(odb.engine)
+        if action == "failed":
+            dead = store.dead_letters(args.name)
+            if args.json:
+                print_json(dead)
+            else:
+                print(render_dead_letters(dead))
+            return OK
+        if action == "retry":
+            name = store.ask_retry(letter_id)
+            if name is None:
+                print(f"esb notifications: no dead letter {letter_id}", file=sys.stderr)
+                return FAILURE
+            print(f"dead letter {letter_id} of notification {name}: its next run delivers it once more")
+            return OK
+        if not store.drop(letter_id):
+            print(f"esb notifications: no dead letter {letter_id}", file=sys.stderr)
+            return FAILURE
+        print(f"dead letter {letter_id} dropped")
+        return OK
+    except (OdbUnavailable, ConfigError) as exc:
+        print(f"esb notifications: cannot read the ODB: {exc}", file=sys.stderr)
+        return FAILURE
+    finally:
+        odb.dispose()
+
+
+def render_dead_letters(dead: list[dict[str, Any]]) -> str:
+    if not dead:
+        return "(no dead-lettered batches)"
+    lines = ["ID  NOTIFICATION  WHEN  ROWS  ATTEMPTS  STATE  ERROR"]
+    for item in dead:
+        lines.append(f"{item['id']}  {item['name']}  {item['created_at']}  {item['row_count']} rows  "
+                     f"{item['attempts']} attempts  {item['state']}  {item['error']}")
+    return "\n".join(lines)
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:

@@ -230,7 +230,12 @@ class Deployer:
         # The changed unit merges last, so a clash names it rather than the unit it clashes with.
         merge_order = sorted(units.items(), key=lambda unit: (unit[0] == changed_unit, unit[0]))
         definitions = merge_units(merge_order, environ=self.environ)
-        from esb.deploy.validate import validate_modules
+        from esb.deploy.validate import sql_driver_problem, validate_modules
+
+        for name, outconn in definitions.of("outconn.sql").items():
+            unit = definitions.unit_of[("outconn.sql", name)]
+            if unit == changed_unit and (problem := sql_driver_problem(outconn.url)):
+                raise ConfigError(unit, f"outconn.sql.{name}.url", problem)
 
         verdicts = validate_modules(
             sorted(modules.items()), environ=self.environ, limit_s=self.import_limit_s, cwd=self.cwd

@@ -41,6 +41,24 @@ from esb.errors import DeployError
 STARTUP_S = 60.0
 
 
+def sql_driver_problem(url: str) -> str | None:
+    """Why URL's SQLAlchemy dialect or its driver package cannot be loaded in this
+    interpreter, or None. A worker makes an outconn's engine on first use: without this
+    check a missing driver would first show as every run of a notification failing."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # the URL itself is not shown: it may hold a password
+        return "is not an SQLAlchemy URL such as postgresql+psycopg://user@host/db"
+    try:
+        parsed.get_dialect().import_dbapi()
+    except Exception as exc:
+        return (f"dialect and driver {parsed.drivername!r} cannot be loaded in the server's environment "
+                f"({type(exc).__name__}: {exc}); install the driver's package or name one that is installed")
+    return None
+
+
 @dataclass(frozen=True)
 class ModuleVerdict:
     """How one module imported: its service names, or the reason (and line) it failed."""

@@ -33,7 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from esb.bus import Keys, utc_now_iso
 from esb.config.definitions import SqlNotificationDef
 from esb.errors import BadInput, OdbUnavailable, ServiceFailed, ServiceNotFound, Unavailable
-from esb.notification.store import NotificationRun, NotificationStore, Superseded, jsonable
+from esb.notification.store import NotificationRun, NotificationStore, Superseded, row_key, shown_row
 from esb.observe import metrics
 from esb.observe.retry import Retrying
 
@@ -55,6 +55,16 @@ def backoff_s(interval_s: float, consecutive_failures: int) -> float:
     if consecutive_failures < 2:
         return 0.0
     return min(interval_s * min(2 ** (consecutive_failures - 2), 2), BACKOFF_MAX_S)
+
+
+def service_failures() -> tuple[type[BaseException], ...]:
+    """What a service call raises when the service failed. gevent's Timeout passes through
+    ``ServiceRuntime.run`` (it belongs to whoever started it); a notification run starts
+    none, so one that reaches the runner escaped the service. Imported on use: only a
+    worker makes calls, and the status CLI, which imports this module, loads no gevent."""
+    from gevent.timeout import Timeout
+
+    return (ServiceFailed, ServiceNotFound, BadInput, Unavailable, Timeout)
 
 
 class BatchFailed(Exception):
@@ -135,7 +145,28 @@ class NotificationRunner:
     # -- one run -------------------------------------------------------------------------
 
     def run(self, name: str) -> str | None:
-        """Run notification NAME once; answers the error that failed the run, or None."""
+        """Run notification NAME once; answers the error that failed the run, or None.
+
+        Whatever a run raises ends it as a failed run, in status and server.log: an
+        exception left to the dispatch consumer would end its greenlet, and the firing
+        would stay in flight (no run of the notification for ``inflight_ttl_s``).
+        """
+        try:
+            return self._run(name)
+        except BaseException as exc:
+            if not isinstance(exc, (Exception, *service_failures())):
+                raise  # GreenletExit: the worker is stopping
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            logger.exception("notification %s: the run failed: %s", name, error)
+            definition = self.definitions().get(name)
+            if definition is not None:
+                try:
+                    self._finish(definition, "-", dt.datetime.now(UTC), 0.0, 0, None, "failed", error)
+                except Exception:
+                    logger.exception("notification %s: the failed run was not recorded", name)
+            return error
+
+    def _run(self, name: str) -> str | None:
         definition = self.definitions().get(name)
         if definition is None:
             logger.info("notification %s is no longer defined; firing ignored", name)
@@ -162,6 +193,7 @@ class NotificationRunner:
             outconn = self.outconns().get(definition.outconn)
             if outconn is None:
                 raise LookupError(f"no outconn.sql named {definition.outconn!r} on this worker")
+            self._redeliver(definition, outconn, run_id, counts)
             if definition.watermark:
                 self._run_watermark(definition, outconn, run_id, state.watermark, counts)
             else:
@@ -186,6 +218,9 @@ class NotificationRunner:
         except (OdbUnavailable, LookupError) as exc:
             outcome, error = "failed", str(exc)[:500]
             logger.error("notification %s run %s failed: %s", name, run_id, error)
+        except Exception as exc:  # a driver that does not load, a value a step cannot take...
+            outcome, error = "failed", f"{type(exc).__name__}: {exc}"[:500]
+            logger.exception("notification %s run %s failed: %s", name, run_id, error)
         duration_s = time.monotonic() - started
         metrics.observe_notification(name, outcome, counts["rows"], duration_s, time.time())
         self._finish(definition, run_id, started_at, duration_s, counts["rows"], state.watermark_text,
@@ -239,6 +274,9 @@ class NotificationRunner:
         # the same rows would come back within the run.
         deadline = time.monotonic() + max(RUN_BUDGET_S, definition.interval_s)
         delivered_any = False
+        # PERF(esb): one read per run. The rows of dead letters, which the query offers
+        # again while nothing marks them, are left out: a batch is dead-lettered once.
+        dead_keys = self.store.dead_row_keys(definition.name)
         while True:
             page = 0
             # after_success runs once the page's cursor is closed: SQLite lets no writer
@@ -252,10 +290,13 @@ class NotificationRunner:
                     try:
                         for partition in result.partitions(definition.batch_size):
                             rows = [dict(row._mapping) for row in partition][: definition.max_rows - page]
-                            self._deliver(definition, outconn, run_id, rows, after=None, marks=marks)
-                            delivered_any = True
                             page += len(rows)
-                            counts["rows"] += len(rows)
+                            if dead_keys:
+                                rows = [row for row in rows if row_key(shown_row(row)) not in dead_keys]
+                            if rows:
+                                self._deliver(definition, outconn, run_id, rows, after=None, marks=marks)
+                                delivered_any = True
+                                counts["rows"] += len(rows)
                             if page >= definition.max_rows:
                                 break
                     finally:
@@ -273,31 +314,79 @@ class NotificationRunner:
                  marks: list[list[dict[str, Any]]] | None = None) -> None:
         """One service call; on success after_success and the watermark. A failure raises
         BatchFailed, unless the batch reached max_attempts: then it is dead-lettered and
-        the run goes on past it."""
-        shown = [{key: jsonable(value) for key, value in row.items()} for row in rows]
-        notification = {"name": definition.name, "run_id": run_id, "mode": definition.mode}
-        # PERF(esb): one primary-key read in the ODB per service call (not per row); it
-        # keeps a late run from calling the service beside the run that overtook it.
-        if not self.store.holds(definition.name, run_id):
-            raise Superseded(definition.name, run_id)
+        the run goes on past it.
+
+        With max_attempts the attempt is counted before the call, so a call that kills
+        its worker (``os._exit``, a segfault, the OOM killer) has used it too: a batch
+        whose attempts ran out without an outcome is dead-lettered without calling again."""
+        name = definition.name
+        shown = [shown_row(row) for row in rows]
+        notification = {"name": name, "run_id": run_id, "mode": definition.mode}
+        max_attempts = definition.max_attempts
+        if max_attempts is None:
+            # PERF(esb): one primary-key read in the ODB per service call (not per row); it
+            # keeps a late run from calling the service beside the run that overtook it.
+            if not self.store.holds(name, run_id):
+                raise Superseded(name, run_id)
+        else:
+            attempts = self.store.count_attempt(name, run_id)  # fenced as holds() is
+            if attempts > max_attempts:
+                error = (f"the worker died during the service call of attempt {attempts - 1} "
+                         "(killed, crashed or exited)")
+                self._dead_letter(definition, outconn, run_id, rows, shown, error, attempts - 1, after, marks)
+                return
         try:
             self.call(definition.service, {"rows": shown}, cid=f"{run_id}", notification=notification)
-        except (ServiceFailed, ServiceNotFound, BadInput, Unavailable) as exc:
+        except service_failures() as exc:
             error = getattr(exc, "error", None) or f"{type(exc).__name__}: {exc}"
-            attempts = self.store.count_failure(definition.name, run_id)
-            if definition.max_attempts is not None and attempts >= definition.max_attempts:
-                if rows:
-                    self._mark(definition, outconn, rows, marks)
-                self.store.give_up(definition.name, run_id, shown, error, attempts, after)
-                logger.error("notification %s: a batch of %d rows failed %d times and went to the dead "
-                             "letters (%s); see 'esb notifications DIR --failed'", definition.name,
-                             len(rows), attempts, error)
+            if not isinstance(exc, ServiceFailed):  # ServiceFailed was logged with its traceback
+                logger.error("notification %s run %s: service %s failed: %s", name, run_id,
+                             definition.service, error)
+            if max_attempts is None:
+                raise BatchFailed(f"service {definition.service} failed: {error}") from None
+            if attempts >= max_attempts:
+                self._dead_letter(definition, outconn, run_id, rows, shown, error, attempts, after, marks)
                 return
             raise BatchFailed(f"service {definition.service} failed (attempt {attempts}): {error}") from None
+        self._facts(name, {"progress_at": utc_now_iso()})
         if rows:
             self._mark(definition, outconn, rows, marks)
-        if after is not None or definition.max_attempts is not None:
-            self.store.advance(definition.name, after, run_id)
+        if after is not None or max_attempts is not None:
+            self.store.advance(name, after, run_id)
+
+    def _dead_letter(self, definition: SqlNotificationDef, outconn: SqlOutconn, run_id: str,
+                     rows: list[dict[str, Any]], shown: list[dict[str, Any]], error: str, attempts: int,
+                     after: list[Any] | None, marks: list[list[dict[str, Any]]] | None) -> None:
+        if rows:
+            self._mark(definition, outconn, rows, marks)
+        keys = None if definition.watermark else [row_key(row) for row in shown]
+        self.store.give_up(definition.name, run_id, shown, error, attempts, after, keys)
+        logger.error("notification %s: a batch of %d rows failed %d times and went to the dead "
+                     "letters (%s); see 'esb notifications DIR failed'", definition.name,
+                     len(rows), attempts, error)
+
+    def _redeliver(self, definition: SqlNotificationDef, outconn: SqlOutconn, run_id: str,
+                   counts: dict[str, int]) -> None:
+        """Deliver the dead letters an operator asked to retry, once each, before new rows.
+        A failure leaves the letter dead with the new error; the run goes on."""
+        name = definition.name
+        for letter in self.store.retries(name):
+            if not self.store.take_retry(name, run_id, letter["id"], letter["attempts"]):
+                continue
+            rows = letter["rows"]
+            notification = {"name": name, "run_id": run_id, "mode": definition.mode}
+            try:
+                self.call(definition.service, {"rows": rows}, cid=f"{run_id}", notification=notification)
+            except service_failures() as exc:
+                error = getattr(exc, "error", None) or f"{type(exc).__name__}: {exc}"
+                self.store.retry_failed(letter["id"], error)
+                logger.error("notification %s: dead letter %s failed again (%s)", name, letter["id"], error)
+                continue
+            if rows:
+                self._after_success(definition, outconn, rows)
+            self.store.redelivered(letter["id"])
+            counts["rows"] += len(rows)
+            logger.info("notification %s: dead letter %s delivered (%d rows)", name, letter["id"], len(rows))
 
     def _mark(self, definition: SqlNotificationDef, outconn: SqlOutconn, rows: list[dict[str, Any]],
               marks: list[list[dict[str, Any]]] | None) -> None:
@@ -356,7 +445,7 @@ class NotificationRunner:
         self._record(name, run_id, started_at, duration_s, rows, bound, outcome, error)
         try:
             watermark = self.store.state(name).watermark_text
-        except OdbUnavailable:
+        except Exception:  # the ODB down, a stored value that no longer reads: the bound it started from
             watermark = bound
         key = self.facts_key(name)
         try:

@@ -2,13 +2,16 @@
 
 The worker that ran a notification writes its facts (``runner.NotificationRunner._finish``);
 the scheduler's job state of the notification's job gives the next run. A notification is
-stale when no run completed for three intervals plus a grace, and failing while its last
-run failed; either makes the cluster unhealthy while the notification is active.
+stale when no run completed, and no run in progress delivered a batch, for three intervals
+plus a grace (a run draining a backlog goes on for up to 30 s); failing while its last run
+failed; either makes the cluster unhealthy while the notification is active. So do its
+dead letters, read from the ODB (``dead_letter_problems``), until an operator handles them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -47,7 +50,8 @@ def notification_rows(
     for note, facts, job in zip(notes, all_facts, jobs, strict=True):
         paused = facts.get("paused") == "1"
         active = note.is_active and not paused
-        since = parse_iso(facts.get("last_run") or job.defined_at)
+        moments = [parse_iso(facts.get(key)) for key in ("last_run", "progress_at")]
+        since = max((m for m in moments if m is not None), default=None) or parse_iso(job.defined_at)
         age_s = None if since is None else (now - since).total_seconds()
         stale = active and age_s is not None and age_s > 3 * note.interval_s + GRACE_S
         try:
@@ -78,6 +82,7 @@ def notification_rows(
             "next_run": job.next_run,
             "stale": stale,
             "failing": active and consecutive > 0,
+            "dead_letters": None,  # from the ODB: dead_letter_problems
         })
     return rows
 
@@ -93,3 +98,15 @@ def notification_problems(rows: list[dict[str, Any]]) -> list[str]:
                 f"{row['last_error']}"
             )
     return problems
+
+
+def dead_letter_problems(rows: list[dict[str, Any]], counts: Mapping[str, int]) -> list[str]:
+    """One line per notification with dead letters not handled yet (COUNTS, from the ODB),
+    defined or not any more; each of ROWS gets its count."""
+    for row in rows:
+        row["dead_letters"] = counts.get(row["name"], 0)
+    return [
+        f"notification {name}: {count} dead-lettered batch(es) not handled; see "
+        f"'esb notifications DIR failed', then retry or drop them"
+        for name, count in sorted(counts.items()) if count
+    ]

@@ -5,10 +5,17 @@
   failed in a row (for ``max_attempts``), and the run that holds it (``run_id``);
 - ``esb_notification_run``: one row per run (start, duration, rows, bound watermark,
   outcome, error, host, pid);
-- ``esb_notification_dead``: batches given up on after ``max_attempts``, with rows and error.
+- ``esb_notification_dead``: batches given up on after ``max_attempts``, with rows and error,
+  until an operator handles them (``state``: ``dead``, ``retry`` asked, or ``dropped``).
+
+An attempt at a batch is counted before its service call (``count_attempt``), so a call
+that kills its worker has used one: after ``max_attempts`` the batch is dead-lettered
+without another call. In plain mode the query offers a dead-lettered row again at every
+run, so each dead letter keeps a key of each of its rows (``row_key``) and a run leaves
+those rows out; a dropped letter keeps its keys, so its rows stay left out.
 
 The run that holds a notification is the one that claimed it last (``claim``, at a run's
-start). Every write a run makes (``advance``, ``count_failure``, ``give_up``) is one
+start). Every write a run makes (``advance``, ``count_attempt``, ``give_up``...) is one
 statement conditional on still holding it, so a run that was overtaken (its worker hung or
 was stopped, and the scheduler's firing was reclaimed and run elsewhere) commits nothing:
 it gets ``Superseded`` at its next step, and the watermark never moves backwards.
@@ -23,6 +30,7 @@ import base64
 import dataclasses
 import datetime as dt
 import decimal
+import hashlib
 import json
 import uuid
 from typing import Any
@@ -38,6 +46,7 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
+    func,
     insert,
     inspect,
     select,
@@ -93,7 +102,13 @@ notification_dead = Table(
     Column("rows", Text, nullable=False),  # JSON list of the batch's rows
     Column("error", Text, nullable=False),
     Column("attempts", Integer, nullable=False),
+    # dead, retry (an operator asked for one more delivery) or dropped (kept for row_keys).
+    Column("state", String(16), nullable=False, default="dead", server_default="dead"),
+    Column("row_keys", Text, nullable=True),  # plain mode: JSON list of row_key() of its rows
 )
+
+DEAD, RETRY, DROPPED = "dead", "retry", "dropped"
+PENDING = (DEAD, RETRY)  # what still waits for an operator, or for its retry
 
 
 class Superseded(Exception):
@@ -133,7 +148,23 @@ def jsonable(value: Any) -> Any:
         return base64.b64encode(bytes(value)).decode()
     if isinstance(value, dt.timedelta):
         return value.total_seconds()
-    return value
+    if isinstance(value, list | tuple):  # an array column
+        return [jsonable(item) for item in value]
+    if isinstance(value, dict):  # a JSON column
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)  # a driver's own type (an inet address, a range...): its text
+
+
+def shown_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as the service gets it and the dead letters keep it: every value JSON-able."""
+    return {key: jsonable(value) for key, value in row.items()}
+
+
+def row_key(row: dict[str, Any]) -> str:
+    """A key of a shown row's content: how plain mode knows a dead-lettered row again."""
+    return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def encode_values(values: list[Any]) -> str:
@@ -202,6 +233,7 @@ class NotificationStore:
             try:
                 METADATA.create_all(self.engine)
                 self._add_run_id_column()
+                self._add_dead_letter_columns()
                 break
             except SQLAlchemyError as exc:
                 # Another process created the tables (or the column) between our check and ours.
@@ -216,6 +248,17 @@ class NotificationStore:
         if "run_id" not in columns:
             with self.engine.begin() as conn:
                 conn.execute(text(f"ALTER TABLE {table} ADD COLUMN run_id VARCHAR(32)"))
+
+    def _add_dead_letter_columns(self) -> None:
+        """An ODB made before dead letters could be retried or dropped lacks their columns."""
+        table = notification_dead.name
+        columns = {c["name"] for c in inspect(self.engine).get_columns(table)}
+        with self.engine.begin() as conn:
+            if "state" not in columns:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN state VARCHAR(16) NOT NULL "
+                                  "DEFAULT 'dead'"))
+            if "row_keys" not in columns:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN row_keys TEXT"))
 
     def _connect(self) -> Connection:
         self.ensure_schema()
@@ -291,28 +334,121 @@ class NotificationStore:
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot write notification {name}'s state: {exc}") from exc
 
-    def count_failure(self, name: str, run_id: str) -> int:
-        """The batch at the head failed once more; answers how often in a row."""
+    def count_attempt(self, name: str, run_id: str) -> int:
+        """The batch at the head is about to be offered once more; answers how often it
+        was, this time included. Counted before the call: one that kills its worker counts."""
         state = notification_state.c
         try:
             with self._connect() as conn, conn.begin():
                 self._held(conn, name, run_id, attempts=state.attempts + 1)
                 return conn.scalar(select(state.attempts).where(state.name == name))
         except SQLAlchemyError as exc:
-            raise OdbUnavailable(f"cannot record notification {name}'s failure: {exc}") from exc
+            raise OdbUnavailable(f"cannot count notification {name}'s attempt: {exc}") from exc
 
     def give_up(self, name: str, run_id: str, rows: list[dict], error: str, attempts: int,
-                watermark: list[Any] | None) -> None:
+                watermark: list[Any] | None, row_keys: list[str] | None = None) -> None:
         """The dead-letter record and moving past the batch, in one transaction (only while
-        RUN_ID holds NAME)."""
+        RUN_ID holds NAME). ROW_KEYS: plain mode's keys of its rows, left out from now on."""
         try:
             with self._connect() as conn, conn.begin():
                 self._held(conn, name, run_id, **_past_head(watermark))
                 conn.execute(insert(notification_dead).values(
-                    name=name, run_id=run_id, created_at=dt.datetime.now(UTC), rows=json.dumps(rows),
-                    error=error, attempts=attempts))
+                    name=name, run_id=run_id, created_at=dt.datetime.now(UTC),
+                    rows=json.dumps(rows, default=str), error=error[:2000], attempts=attempts, state=DEAD,
+                    row_keys=None if row_keys is None else json.dumps(row_keys)))
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot dead-letter notification {name}'s batch: {exc}") from exc
+
+    # -- dead letters: what an operator handles, and the retries a run delivers -----------
+
+    def dead_row_keys(self, name: str) -> set[str]:
+        """The keys of every row NAME dead-lettered in plain mode (dropped ones included)."""
+        dead = notification_dead.c
+        try:
+            with self._connect() as conn:
+                query = select(dead.row_keys).where(dead.name == name, dead.row_keys.is_not(None))
+                texts = conn.scalars(query)
+                return {key for keys in texts for key in json.loads(keys)}
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot read notification {name}'s dead letters: {exc}") from exc
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """Per notification, its dead letters not handled yet (for status)."""
+        dead = notification_dead.c
+        try:
+            with self._connect() as conn:
+                query = (select(dead.name, func.count()).where(dead.state.in_(PENDING)).group_by(dead.name))
+                return {name: count for name, count in conn.execute(query)}
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot read the notifications' dead letters: {exc}") from exc
+
+    def ask_retry(self, letter_id: int) -> str | None:
+        """The next run of its notification delivers dead letter LETTER_ID once more;
+        answers the notification's name, None when there is no such letter to retry."""
+        dead = notification_dead.c
+        try:
+            with self._connect() as conn, conn.begin():
+                name = conn.scalar(select(dead.name).where(dead.id == letter_id, dead.state.in_(PENDING)))
+                if name is not None:
+                    conn.execute(update(notification_dead).where(dead.id == letter_id).values(state=RETRY))
+                return name
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot retry dead letter {letter_id}: {exc}") from exc
+
+    def drop(self, letter_id: int) -> bool:
+        """Give dead letter LETTER_ID up for good; False when there is no such letter. A
+        plain-mode letter stays, as dropped, so that its rows are not offered again."""
+        dead = notification_dead.c
+        pending = (dead.id == letter_id) & dead.state.in_(PENDING)
+        try:
+            with self._connect() as conn, conn.begin():
+                if conn.execute(delete(notification_dead).where(pending, dead.row_keys.is_(None))).rowcount:
+                    return True
+                dropped = update(notification_dead).where(pending).values(state=DROPPED)
+                return conn.execute(dropped).rowcount == 1
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot drop dead letter {letter_id}: {exc}") from exc
+
+    def retries(self, name: str) -> list[dict[str, Any]]:
+        """NAME's dead letters an operator asked to retry, oldest first."""
+        dead = notification_dead.c
+        query = select(notification_dead).where(dead.name == name, dead.state == RETRY).order_by(dead.id)
+        try:
+            with self._connect() as conn:
+                return [self._letter(r) for r in conn.execute(query)]
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot read notification {name}'s dead letters: {exc}") from exc
+
+    def take_retry(self, name: str, run_id: str, letter_id: int, attempts: int) -> bool:
+        """RUN_ID is about to deliver dead letter LETTER_ID once more: it counts as an
+        attempt and is dead again unless ``redelivered`` follows, so a call that kills its
+        worker is not made again without an operator. False when it is no longer asked."""
+        dead = notification_dead.c
+        error = "the worker died during the retry's service call (killed, crashed or exited)"
+        try:
+            with self._connect() as conn, conn.begin():
+                self._held(conn, name, run_id)
+                taken = update(notification_dead).where(dead.id == letter_id, dead.state == RETRY)
+                taken = taken.values(state=DEAD, attempts=attempts + 1, error=error)
+                return conn.execute(taken).rowcount == 1
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot retry dead letter {letter_id}: {exc}") from exc
+
+    def retry_failed(self, letter_id: int, error: str) -> None:
+        dead = notification_dead.c
+        try:
+            with self._connect() as conn, conn.begin():
+                conn.execute(update(notification_dead).where(dead.id == letter_id).values(error=error[:2000]))
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot record dead letter {letter_id}'s retry: {exc}") from exc
+
+    def redelivered(self, letter_id: int) -> None:
+        """A retried dead letter's service call succeeded: it is done with."""
+        try:
+            with self._connect() as conn, conn.begin():
+                conn.execute(delete(notification_dead).where(notification_dead.c.id == letter_id))
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot remove dead letter {letter_id}: {exc}") from exc
 
     def set_paused(self, name: str, paused: bool) -> None:
         try:
@@ -351,16 +487,21 @@ class NotificationStore:
             raise OdbUnavailable(f"cannot read notification {name}'s runs: {exc}") from exc
 
     def dead_letters(self, name: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The dead letters not handled yet (retries asked included), newest first."""
         dead = notification_dead.c
         try:
             with self._connect() as conn:
-                query = select(notification_dead).order_by(dead.id.desc()).limit(limit)
+                query = (select(notification_dead).where(dead.state.in_(PENDING))
+                         .order_by(dead.id.desc()).limit(limit))
                 if name is not None:
                     query = query.where(dead.name == name)
-                return [
-                    {"id": r.id, "name": r.name, "run_id": r.run_id, "created_at": r.created_at.isoformat(),
-                     "attempts": r.attempts, "error": r.error, "rows": json.loads(r.rows)}
-                    for r in conn.execute(query)
-                ]
+                return [self._letter(r) for r in conn.execute(query)]
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read the notifications' dead letters: {exc}") from exc
+
+    @staticmethod
+    def _letter(r: Any) -> dict[str, Any]:
+        rows = json.loads(r.rows)
+        return {"id": r.id, "name": r.name, "run_id": r.run_id, "created_at": r.created_at.isoformat(),
+                "attempts": r.attempts, "error": r.error, "state": r.state, "row_count": len(rows),
+                "rows": rows}

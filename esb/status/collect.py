@@ -24,7 +24,8 @@ from esb.bus.jobstate import JobFacts, read_job_facts
 from esb.config import Definitions, JobDef, ServerConfig
 from esb.deploy.generations import DeployFacts, read_deploy_facts
 from esb.errors import OdbUnavailable
-from esb.notification.status import notification_problems, notification_rows
+from esb.notification.status import dead_letter_problems, notification_problems, notification_rows
+from esb.notification.store import NotificationStore
 from esb.observe import supervision
 from esb.observe.retry import unreachable
 from esb.odb import OdbStore, RejectedDeployment
@@ -314,6 +315,8 @@ def collect_status(
             facts = read_deploy_facts(odb, client, keys, stale_after_s)
             open_rejections = odb.open_rejections()
             problems.extend(deploy_problems(facts, _generation_age_s(odb, now), open_rejections))
+            dead_counts = NotificationStore(odb.engine).dead_letter_counts()
+            problems.extend(dead_letter_problems(notifications, dead_counts))
             deploy = {
                 "generation": facts.generation,
                 "last_good": facts.last_good,

@@ -151,7 +151,7 @@ def test_a_run_overtaken_by_a_later_claim_commits_nothing(tmp_path):
     store.advance("n", [1], "late")
     assert store.claim("n", "next").watermark == [1]
     store.advance("n", [5], "next")
-    for write in (lambda: store.advance("n", [2], "late"), lambda: store.count_failure("n", "late"),
+    for write in (lambda: store.advance("n", [2], "late"), lambda: store.count_attempt("n", "late"),
                   lambda: store.give_up("n", "late", [], "boom", 3, [2])):
         try:
             write()
@@ -161,6 +161,43 @@ def test_a_run_overtaken_by_a_later_claim_commits_nothing(tmp_path):
             raise AssertionError("a superseded run wrote")
     assert store.holds("n", "next") and not store.holds("n", "late")
     assert store.state("n").watermark == [5] and store.state("n").attempts == 0
-    assert store.count_failure("n", "next") == 1
+    assert store.count_attempt("n", "next") == 1
     assert store.dead_letters("n") == []
     engine.dispose()
+
+
+def test_dead_letters_of_an_older_odb_gain_their_columns_and_are_retried_or_dropped(tmp_path):
+    """An ODB made before dead letters could be handled gains state and row_keys; a
+    plain-mode letter that is dropped keeps its row keys, a watermark one goes."""
+    from sqlalchemy import create_engine, text
+
+    from esb.notification.store import NotificationStore, row_key
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'odb.db'}")
+    with engine.begin() as conn:  # the table as the release before made it
+        conn.execute(text("CREATE TABLE esb_notification_dead (id INTEGER PRIMARY KEY, "
+                          "name VARCHAR(255), run_id VARCHAR(32), created_at DATETIME, rows TEXT, "
+                          "error TEXT, attempts INTEGER)"))
+    store = NotificationStore(engine)
+    store.claim("n", "r1")
+    plain_rows = [{"id": 1, "body": "poison"}]
+    store.give_up("n", "r1", plain_rows, "boom", 2, None, [row_key(r) for r in plain_rows])
+    store.give_up("n", "r1", [{"id": 2}], "bang", 2, [2])
+    plain, watermark = sorted(store.dead_letters("n"), key=lambda d: d["id"])
+    assert store.dead_letter_counts() == {"n": 2}
+    assert store.ask_retry(plain["id"]) == "n" and store.ask_retry(999) is None
+    assert [d["id"] for d in store.retries("n")] == [plain["id"]]
+    assert store.take_retry("n", "r1", plain["id"], plain["attempts"])
+    assert not store.take_retry("n", "r1", plain["id"], plain["attempts"])  # taken once
+    assert store.drop(plain["id"]) and store.drop(watermark["id"]) and not store.drop(watermark["id"])
+    assert store.dead_letters("n") == [] and store.dead_letter_counts() == {}
+    assert store.dead_row_keys("n") == {row_key(plain_rows[0])}
+    engine.dispose()
+
+
+def test_driver_types_and_arrays_become_json_able():
+    import ipaddress
+
+    assert jsonable([decimal.Decimal("1.5"), None]) == ["1.5", None]
+    assert jsonable({"at": dt.date(2030, 1, 2)}) == {"at": "2030-01-02"}
+    assert jsonable(ipaddress.ip_address("10.0.0.1")) == "10.0.0.1"

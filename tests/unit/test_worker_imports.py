@@ -28,7 +28,8 @@ assert odb.roll_back(1, "test") == 2 and [r.deployment_id for r in odb.open_reje
 notes = NotificationStore(odb.engine)
 assert notes.claim("n", "r1").watermark is None and notes.holds("n", "r1")
 notes.advance("n", [1], "r1")
-assert notes.count_failure("n", "r1") == 1 and notes.state("n").watermark == [1]
+assert notes.count_attempt("n", "r1") == 1 and notes.state("n").watermark == [1]
+assert notes.dead_letter_counts() == {}
 odb.dispose()
 """
 
