@@ -38,6 +38,7 @@ bench: venv
 	$(BIN)/python bench/scheduler_bench.py || status=1; \
 	$(BIN)/python bench/sql_notification_bench.py || status=1; \
 	$(BIN)/python bench/amqp_bench.py || status=1; \
+	$(BIN)/python bench/redis_memory_bench.py || status=1; \
 	exit $$status
 
 config-example: venv

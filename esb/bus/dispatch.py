@@ -3,14 +3,19 @@
 Producers append a message to one Redis stream; every worker of the cluster reads it
 through one consumer group. A worker that takes a message keeps it fresh while the
 service runs (XCLAIM JUSTID resets its idle time); a message whose worker went silent
-for ``reclaim_idle_s`` is taken over by another worker with XAUTOCLAIM. A finished
-message id is remembered for ``done_ttl_s``, so a redelivery of a message that did
-finish is acknowledged without running again.
+for ``reclaim_idle_s`` is taken over by another worker with XCLAIM.
+
+A finished message leaves nothing behind: its entry is acknowledged and deleted in one
+transaction, so an entry still in the stream and pending is one that has not finished,
+and no reclaim can take a finished one. Redis holds per message only its entry while it
+is unfinished (bounded by ``max_backlog``) and, if it is given up on, its dead letter
+(bounded by ``dead_letters_max``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -124,32 +129,40 @@ def ensure_group(client: redis.Redis, keys: Keys) -> None:
             raise
 
 
-def is_done(client: redis.Redis, keys: Keys, msg_id: str) -> bool:
-    return bool(client.exists(keys.done(msg_id)))
+def queue_finished(pipe: Pipeline, keys: Keys, entry_ids: list[str]) -> None:
+    """Queue on PIPE: acknowledge and delete the finished ENTRY_IDS.
 
-
-def queue_finished(
-    pipe: Pipeline, keys: Keys, finished: list[tuple[str, str | None]], done_ttl_s: int
-) -> None:
-    """Queue on PIPE: remember each ``(entry id, message id)`` as done, then acknowledge and
-    delete the entries. A message id of None (a malformed entry) is only acknowledged.
-
-    One XACK and one XDEL serve the whole list; deleting acknowledged entries keeps the
-    stream holding only unfinished work.
+    One XACK and one XDEL serve the whole list. Both in one transaction is what makes a
+    run count once without any marker: an acknowledged entry is no longer pending, so no
+    consumer can reclaim it, and a deleted one cannot be read again.
     """
-    for _entry_id, msg_id in finished:
-        if msg_id is not None:
-            pipe.set(keys.done(msg_id), "1", ex=done_ttl_s)
-    entry_ids = [entry_id for entry_id, _msg_id in finished]
     pipe.xack(keys.dispatch, keys.dispatch_group, *entry_ids)
     pipe.xdel(keys.dispatch, *entry_ids)
 
 
-def finish(client: redis.Redis, keys: Keys, entry_id: str, msg_id: str, done_ttl_s: int) -> None:
-    """Remember one message as done and acknowledge it, in one transaction."""
+def finish(client: redis.Redis, keys: Keys, entry_id: str) -> None:
+    """Acknowledge and delete one finished entry, in one transaction."""
     pipe = client.pipeline(transaction=True)
-    queue_finished(pipe, keys, [(entry_id, msg_id)], done_ttl_s)
+    queue_finished(pipe, keys, [entry_id])
     pipe.execute()
+
+
+# Remove a consumer from the group only while it holds no pending entry and its liveness
+# key is missing, in one step: a stopped worker whose blocked read Redis served in the
+# meantime holds entries again, and deleting it then would drop them from the pending list
+# for good (no consumer would ever be handed them again).
+_FORGET_CONSUMER = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+def forget_consumer(client: redis.Redis, keys: Keys, consumer: str) -> bool:
+    """Remove dead CONSUMER from the group if it holds nothing; answers whether it did."""
+    return bool(client.eval(_FORGET_CONSUMER, 2, keys.dispatch, keys.consumer_alive(consumer),
+                            keys.dispatch_group, consumer))
 
 
 # -- dead letters: messages given up on after max_deliveries ----------------------------
@@ -173,15 +186,22 @@ def queue_dead_letter(
     fields: dict[str, str],
     deliveries: int,
     last_error: str | None,
+    *,
+    max_len: int,
 ) -> None:
     """Queue on PIPE: copy the dispatch entry to the dead-letter stream with its deliveries
-    and last error, then acknowledge and delete it from the dispatch stream."""
+    and last error, then acknowledge and delete it from the dispatch stream.
+
+    The dead-letter stream keeps the newest MAX_LEN: poison arriving faster than an
+    operator handles it must not fill Redis. Trimmed exactly: dead letters are rare, and
+    the count ``esb status`` shows is then the cap itself.
+    """
     dead = dict(fields) | {
         "deliveries": str(deliveries),
         "last_error": last_error or "",
         "dead_at": repr(time.time()),
     }
-    pipe.xadd(keys.dead_letters, dead)
+    pipe.xadd(keys.dead_letters, dead, maxlen=max_len, approximate=False)
     pipe.xack(keys.dispatch, keys.dispatch_group, entry_id)
     pipe.xdel(keys.dispatch, entry_id)
 
@@ -205,6 +225,14 @@ def dead_letter_count(client: redis.Redis, keys: Keys) -> int:
     return int(client.xlen(keys.dead_letters))
 
 
+# A stream entry id, whole (ms-seq) or its milliseconds alone; anything else names no entry.
+_ENTRY_ID = re.compile(r"[0-9]+(-[0-9]+)?")
+
+
+def _names_an_entry(entry_id: str) -> bool:
+    return _ENTRY_ID.fullmatch(entry_id) is not None
+
+
 def dead_letters(client: redis.Redis, keys: Keys, count: int = 1000) -> list[DeadLetter]:
     """The oldest COUNT dead letters, oldest first."""
     entries = client.xrange(keys.dead_letters, count=count)
@@ -215,19 +243,22 @@ def retry_dead_letter(client: redis.Redis, keys: Keys, entry_id: str) -> str | N
     """Put dead letter ENTRY_ID back on the dispatch stream as a new delivery, with its
     message id and cid; answers the new dispatch entry id, or None when there is no such
     dead letter. Appending and removing happen in one transaction."""
-    found = client.xrange(keys.dead_letters, min=entry_id, max=entry_id)
+    if not _names_an_entry(entry_id):
+        return None
+    found = client.xrange(keys.dead_letters, min=entry_id, max=entry_id, count=1)
     if not found:
         return None
+    found_id, found_fields = found[0]
     fields = {
-        k: v for k, v in found[0][1].items() if k not in ("deliveries", "last_error", "dead_at")
+        k: v for k, v in found_fields.items() if k not in ("deliveries", "last_error", "dead_at")
     }
     pipe = client.pipeline(transaction=True)
     pipe.xadd(keys.dispatch, fields)
-    pipe.xdel(keys.dead_letters, entry_id)
+    pipe.xdel(keys.dead_letters, found_id)  # ENTRY_ID may be its milliseconds alone
     new_entry_id, _deleted = pipe.execute()
     return new_entry_id
 
 
 def drop_dead_letter(client: redis.Redis, keys: Keys, entry_id: str) -> bool:
     """Remove dead letter ENTRY_ID for good; answers whether it existed."""
-    return bool(client.xdel(keys.dead_letters, entry_id))
+    return _names_an_entry(entry_id) and bool(client.xdel(keys.dead_letters, entry_id))

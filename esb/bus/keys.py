@@ -6,6 +6,13 @@ together in ``SCAN`` and ``redis-cli --bigkeys``, and a pattern per subsystem is
 
 from __future__ import annotations
 
+# The longest any per-message state may outlive its message in Redis, in seconds: what
+# at-least-once needs to recognise a redelivery of a message that finished (an
+# acknowledgement lost with its connection arrives again within it), and no more, so that
+# such state is bounded by the message rate (rate x this), not by the history. The
+# dispatch stream needs none of it: a finished entry is acknowledged and deleted at once.
+FINISHED_MESSAGE_TTL_S = 60
+
 
 class Keys:
     """Key names for one cluster: ``esb:<cluster>:...``. Tests pick a unique cluster name."""
@@ -20,10 +27,6 @@ class Keys:
         self.scheduler_lease = self.prefix + "scheduler:lease"
         # Manual "run this job now" requests for the active scheduler.
         self.scheduler_commands = self.prefix + "scheduler:commands"
-
-    def done(self, msg_id: str) -> str:
-        """Marks a dispatched message id as finished, to de-duplicate redeliveries."""
-        return f"{self.prefix}dispatch:done:{msg_id}"
 
     def scheduler_reply(self, request_id: str) -> str:
         """The active scheduler's answer to one manual request on ``scheduler_commands``."""

@@ -45,6 +45,12 @@ def as_dict(letter: DeadLetter) -> dict:
     }
 
 
+def _no_such(args: argparse.Namespace) -> int:
+    print(f"esb: no dead letter {args.id} (an id looks like 1733312345678-0; "
+          f"'esb dead-letters {args.directory}' lists them)", file=sys.stderr)
+    return FAILURE
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_or_exit(args.directory)
     if args.action != "list" and not args.id:
@@ -69,13 +75,11 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "retry":
             entry_id = retry_dead_letter(client, keys, args.id)
             if entry_id is None:
-                print(f"esb: no dead letter {args.id}", file=sys.stderr)
-                return FAILURE
+                return _no_such(args)
             print(f"dead letter {args.id} re-queued as dispatch entry {entry_id}")
             return OK
         if not drop_dead_letter(client, keys, args.id):
-            print(f"esb: no dead letter {args.id}", file=sys.stderr)
-            return FAILURE
+            return _no_such(args)
         print(f"dead letter {args.id} dropped")
         return OK
     except RedisError as exc:

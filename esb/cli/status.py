@@ -59,8 +59,10 @@ def render_text(status: dict[str, Any]) -> str:
     dispatch = status.get("dispatch")
     if dispatch:
         lines.append(
-            f"{mark(not dispatch['dead_letters'])}dispatch: {dispatch['dead_letters']} dead letters, "
-            f"{dispatch['worker_deaths_last_min']} worker deaths in the last minute"
+            f"{mark(not dispatch['dead_letters'])}dispatch: {dispatch['dead_letters']} dead letters"
+            + (f" (oldest {dispatch['oldest_dead_letter_age_s']:.0f} s ago, "
+               f"cap {dispatch['dead_letters_max']})" if dispatch["dead_letters"] else "")
+            + f", {dispatch['worker_deaths_last_min']} worker deaths in the last minute"
         )
     for pool in (status.get("outconns") or {}).get("amqp", []):
         lines.append(

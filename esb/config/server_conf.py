@@ -86,7 +86,6 @@ class DispatchSection:
     reclaim_idle_s: float = _key(
         3.0, "Seconds after which a dispatched message whose worker went silent is reclaimed."
     )
-    done_ttl_s: int = _key(86400, "Seconds a finished message id is remembered to de-duplicate.")
     max_backlog: int = _key(
         100000, "Unfinished dispatch messages Redis may hold; past it invoke_async answers 503."
     )
@@ -94,6 +93,11 @@ class DispatchSection:
         3,
         "Deliveries (reclaims included) after which a message whose worker keeps dying is "
         "moved to the dead-letter stream instead of being run again.",
+    )
+    dead_letters_max: int = _key(
+        10000,
+        "Dead letters the dispatch dead-letter stream keeps; past it the oldest are dropped "
+        "for the newest (esb status says when it is full).",
     )
 
 
@@ -207,6 +211,12 @@ SECTIONS: dict[str, type] = {
 }
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
+# Keys esb no longer reads, with the reason: accepted with a warning, so that a server.conf
+# copied from an older example still loads.
+_RETIRED: dict[tuple[str, str], str] = {
+    ("dispatch", "done_ttl_s"): "a finished dispatch message leaves nothing in Redis to remember",
+}
+
 
 def _convert(file: str, key: str, raw: str, kind: type) -> Any:
     try:
@@ -246,11 +256,12 @@ def load_server_config(directory: str | os.PathLike, environ: dict[str, str] | N
         declared = dataclasses.fields(SECTIONS[section])
         known = {f.name for f in declared} | {f.metadata["old_name"] for f in declared}
         for key in parser[section]:
-            if key not in known:
+            if key not in known and (section, key) not in _RETIRED:
                 raise ConfigError(file, f"{section}.{key}", "unknown key")
 
     values: dict[str, Any] = {}
-    deprecations: list[str] = []
+    deprecations = [f"{file}: {section}.{key} is no longer read ({why}); remove it"
+                    for (section, key), why in _RETIRED.items() if parser.has_option(section, key)]
     for section, section_cls in SECTIONS.items():
         kwargs = {}
         for f in dataclasses.fields(section_cls):
@@ -321,8 +332,7 @@ def _validate(config: ServerConfig, file: str) -> None:
     need(config.dispatch.concurrency >= 1, "dispatch.concurrency", "must be at least 1")
     need(config.dispatch.max_backlog >= 0, "dispatch.max_backlog", "must not be negative")
     need(config.dispatch.max_deliveries >= 1, "dispatch.max_deliveries", "must be at least 1")
-    # 0 would make every finished id expire at once: de-duplication off, an error per message.
-    need(config.dispatch.done_ttl_s >= 1, "dispatch.done_ttl_s", "must be at least 1 second")
+    need(config.dispatch.dead_letters_max >= 1, "dispatch.dead_letters_max", "must be at least 1")
     need(config.dispatch.reclaim_idle_s > 0, "dispatch.reclaim_idle_s", "must be positive")
     need(config.scheduler.misfire_grace_s >= 0, "scheduler.misfire_grace_s", "must not be negative")
     need(config.scheduler.lease_ttl_s >= 1, "scheduler.lease_ttl_s", "must be at least 1 second")

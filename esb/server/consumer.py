@@ -9,12 +9,15 @@ while keeps its messages, and only a worker that is dead, stopped or killed by t
 arbiter's timeout loses them (the key must stay missing for two beats, so a Redis restart
 that lost it is not mistaken for a death). A message whose deliveries (reclaims included) pass
 ``max_deliveries`` has killed its workers that often: it goes to the dead-letter stream
-instead of running again.
+instead of running again. A dead consumer is removed from the group once it holds nothing.
+
+Runs once without remembering finished messages: an entry is acknowledged and deleted in
+one transaction, so what a reclaim takes has not finished, and an entry a read handed this
+worker is one it may run as long as it is still pending here.
 
 PERF(esb): a scheduler fires hundreds of jobs in the same millisecond. Round trips are
 paid per batch rather than per message, so the last service of a burst starts soon after
-the first: one to read, one to acknowledge. Only a reclaimed message, which may have run
-elsewhere, is first checked against its done-marker.
+the first: one to read, one to acknowledge.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError, ResponseError
 
 from esb.bus import DispatchMessage, Keys, ensure_group
-from esb.bus.dispatch import is_done, queue_dead_letter, queue_finished
+from esb.bus.dispatch import forget_consumer, queue_dead_letter, queue_finished
 from esb.config.server_conf import DispatchSection
 from esb.observe.retry import Retrying
 from esb.server.liveness import NativeLiveness
@@ -163,31 +166,17 @@ class DispatchConsumer:
             if batch:
                 gevent.sleep(READ_LINGER_S)
 
-    def submit(self, entry_id: str, fields: dict[str, str], is_known_done: bool | None = None) -> None:
-        """Run the entry in the pool; IS_KNOWN_DONE None: look up its done-marker first."""
+    def submit(self, entry_id: str, fields: dict[str, str]) -> None:
+        """Run the entry in the pool."""
         self.inflight[entry_id] = fields.get("id", entry_id)
-        self.pool.spawn(self._process, entry_id, fields, is_known_done)
+        self.pool.spawn(self._process, entry_id, fields)
 
-    def _process(self, entry_id: str, fields: dict[str, str], is_known_done: bool | None) -> None:
+    def _process(self, entry_id: str, fields: dict[str, str]) -> None:
         try:
             message = DispatchMessage.from_fields(fields)
         except (KeyError, ValueError) as exc:
             logger.error("dispatch entry %s is malformed (%s); dropping it", entry_id, exc)
             self._finish(Finished(entry_id))
-            return
-        if is_known_done is None:
-            try:
-                is_known_done = is_done(self.client, self.keys, message.msg_id)
-            except RedisError as exc:
-                self._leave_pending(entry_id, exc)
-                return
-        if is_known_done:
-            logger.info(
-                "message %s for %s already ran; acknowledging the redelivery",
-                message.msg_id,
-                message.service,
-            )
-            self._finish(Finished(entry_id, message))
             return
         started = time.monotonic()
         error = self.run(message)
@@ -259,12 +248,7 @@ class DispatchConsumer:
             for finished in batch:
                 if finished.ran and finished.message is not None:
                     self.record(pipe, finished.message, finished.duration_s, finished.error)
-        queue_finished(
-            pipe,
-            self.keys,
-            [(f.entry_id, f.message.msg_id if f.message else None) for f in batch],
-            self.settings.done_ttl_s,
-        )
+        queue_finished(pipe, self.keys, [finished.entry_id for finished in batch])
         pipe.execute()
 
     def _taken_over(self, batch: list[Finished]) -> set[str]:
@@ -278,24 +262,25 @@ class DispatchConsumer:
         clock runs on while a process is stopped), so a short one costs no round trip.
         """
         suspects = [f.entry_id for f in batch if f.ran and f.duration_s >= self.settings.reclaim_idle_s]
-        return set(self._held_elsewhere(suspects, "its run there goes on; this one is not acknowledged"))
+        holders = self._holders(suspects)
+        taken = {entry_id for entry_id, holder in holders.items()
+                 if holder is not None and holder != self.consumer_name}
+        for entry_id in taken:
+            logger.warning("dispatch entry %s was reclaimed by consumer %s while this worker was silent; "
+                           "its run there goes on; this one is not acknowledged", entry_id, holders[entry_id])
+        return taken
 
-    def _held_elsewhere(self, entry_ids: list[str], consequence: str) -> dict[str, str]:
-        """Those of ENTRY_IDS that another consumer holds now, with its name; logged."""
+    def _holders(self, entry_ids: list[str]) -> dict[str, str | None]:
+        """The consumer each of ENTRY_IDS is pending with now; None: pending nowhere, which
+        means acknowledged (it finished, or was dead-lettered)."""
         if not entry_ids:
             return {}
         pipe = self.client.pipeline(transaction=False)
         for entry_id in entry_ids:
             pipe.xpending_range(self.keys.dispatch, self.keys.dispatch_group, min=entry_id, max=entry_id,
                                 count=1)
-        held = {}
-        for entry_id, pending in zip(entry_ids, pipe.execute(), strict=True):
-            holder = str(pending[0]["consumer"]) if pending else None
-            if holder is not None and holder != self.consumer_name:
-                held[entry_id] = holder
-                logger.warning("dispatch entry %s was reclaimed by consumer %s while this worker was "
-                               "silent; %s", entry_id, holder, consequence)
-        return held
+        return {entry_id: str(pending[0]["consumer"]) if pending else None
+                for entry_id, pending in zip(entry_ids, pipe.execute(), strict=True)}
 
     def submit_read(self, entries: list[tuple[str, dict[str, str]]], waited_s: float) -> None:
         """Run what one XREADGROUP answered after WAITED_S.
@@ -303,14 +288,22 @@ class DispatchConsumer:
         Entries new to the group never ran (only the scheduler's firings share ids, and its
         dispatch script adds a firing once), unless this worker was stopped while its read
         was blocked: Redis handed it the entries then, and another consumer may have
-        reclaimed and run them since. After such a wait, an entry another consumer holds is
-        left to it, and the rest are checked against their done-markers first.
+        reclaimed them since. After such a wait, only the entries still pending here run:
+        one another consumer holds is left to it, and one pending nowhere was acknowledged
+        meanwhile (it ran and finished there, or was dead-lettered).
         """
         is_stale = waited_s > BLOCK_MS / 1000 + self.settings.reclaim_idle_s
-        held = self._held_elsewhere([entry_id for entry_id, _ in entries], "left to it") if is_stale else {}
+        holders = self._holders([entry_id for entry_id, _ in entries]) if is_stale else {}
         for entry_id, fields in entries:
-            if entry_id not in held:
-                self.submit(entry_id, fields, is_known_done=None if is_stale else False)
+            holder = holders.get(entry_id, self.consumer_name)
+            if holder == self.consumer_name:
+                self.submit(entry_id, fields)
+            elif holder is None:
+                logger.info("dispatch entry %s was finished elsewhere while this worker was silent; "
+                            "not run again", entry_id)
+            else:
+                logger.warning("dispatch entry %s was reclaimed by consumer %s while this worker was "
+                               "silent; left to it", entry_id, holder)
 
     def reclaim_loop(self) -> None:
         interval_s = max(self.settings.reclaim_idle_s / 2, 0.25)
@@ -328,19 +321,21 @@ class DispatchConsumer:
         """Take over up to LIMIT messages held by consumers whose liveness key is gone, and
         entries of this consumer left unacknowledged after a Redis error (pending here but no
         longer in ``inflight``); answer how many were taken (run here or dead-lettered).
+        A dead consumer that holds nothing (any more) is removed from the group.
 
         XCLAIM with a minimum idle time settles races between reclaimers: the first resets
         the idle time, the others then claim nothing.
         """
-        summary = self.client.xpending(self.keys.dispatch, self.keys.dispatch_group)
-        holders = summary.get("consumers") or []
-        others = [h for h in holders if h["name"] != self.consumer_name]
+        consumers = self.client.xinfo_consumers(self.keys.dispatch, self.keys.dispatch_group)
+        others = [c for c in consumers if c["name"] != self.consumer_name]
         pipe = self.client.pipeline(transaction=False)
-        for holder in others:
-            pipe.exists(self.keys.consumer_alive(holder["name"]))
+        for other in others:
+            pipe.exists(self.keys.consumer_alive(other["name"]))
         alive = pipe.execute() if others else []
-        candidates = self._confirmed_dead(others, alive)
-        candidates += [h for h in holders if h["name"] == self.consumer_name]
+        dead = self._confirmed_dead(others, alive)
+        self._forget([c["name"] for c in dead if not int(c["pending"])])
+        candidates = [c for c in dead if int(c["pending"])]
+        candidates += [c for c in consumers if c["name"] == self.consumer_name and int(c["pending"])]
         idle_ms = int(self.settings.reclaim_idle_s * 1000)
         taken = 0
         for holder_row in candidates:
@@ -375,10 +370,15 @@ class DispatchConsumer:
                 taken += 1
                 # XCLAIM counted this delivery too.
                 self._take_over(entry_id, fields, deliveries[entry_id] + 1, holder)
-            if not is_ours and len(claimed) >= int(holder_row["pending"]):
-                # Nothing of it is pending any more: keep the group's consumer list short.
-                self.client.xgroup_delconsumer(self.keys.dispatch, self.keys.dispatch_group, holder)
         return taken
+
+    def _forget(self, dead: list[str]) -> None:
+        """Remove the DEAD consumers from the group (each only while it still holds nothing):
+        a group that keeps every consumer that ever was grows with every worker restart."""
+        for name in dead:
+            if forget_consumer(self.client, self.keys, name):
+                self._missing_since.pop(name, None)
+                logger.info("dispatch consumer %s is gone and held nothing; removed from the group", name)
 
     def _confirmed_dead(self, holders: list[dict], alive: list[int]) -> list[dict]:
         """The HOLDERS whose liveness key has been missing for at least two of their beats.
@@ -415,15 +415,13 @@ class DispatchConsumer:
             self.submit(entry_id, fields)
             return
         msg_id = fields.get("id")
-        if msg_id and is_done(self.client, self.keys, msg_id):
-            self.submit(entry_id, fields, is_known_done=True)
-            return
         last_error = (
             f"delivered {deliveries - 1} times without finishing; its last worker (consumer "
             f"{holder}) died or stopped while holding it"
         )
         pipe = self.client.pipeline(transaction=True)
-        queue_dead_letter(pipe, self.keys, entry_id, fields, deliveries - 1, last_error)
+        queue_dead_letter(pipe, self.keys, entry_id, fields, deliveries - 1, last_error,
+                          max_len=self.settings.dead_letters_max)
         pipe.execute()
         logger.error(
             "message %s for %s moved to the dead-letter stream: %s; see 'esb dead-letters'",

@@ -175,22 +175,38 @@ def _scheduler(
 CRASH_LOOP_DEATHS_PER_MIN = 3
 
 
-def _dispatch(client: redis.Redis, keys: Keys, now: dt.datetime) -> dict[str, Any]:
-    """Messages given up on, and workers that died without being asked to in the last minute."""
+def _dispatch(client: redis.Redis, keys: Keys, now: dt.datetime, dead_letters_max: int) -> dict[str, Any]:
+    """Messages given up on (how many, since when, against the cap), and workers that died
+    without being asked to in the last minute."""
     epoch = now.timestamp()
     pipe = client.pipeline(transaction=False)
     pipe.xlen(keys.dead_letters)
+    pipe.xrange(keys.dead_letters, count=1)
     pipe.zcount(keys.worker_deaths, epoch - 60, "+inf")
-    dead_letters, deaths = pipe.execute()
-    return {"dead_letters": int(dead_letters), "worker_deaths_last_min": int(deaths)}
+    dead_letters, oldest, deaths = pipe.execute()
+    oldest_age_s = None
+    if oldest:
+        entry_id, fields = oldest[0]
+        dead_at = float(fields.get("dead_at") or int(entry_id.split("-")[0]) / 1000)
+        oldest_age_s = round(max(epoch - dead_at, 0.0), 1)
+    return {
+        "dead_letters": int(dead_letters),
+        "dead_letters_max": dead_letters_max,
+        "oldest_dead_letter_age_s": oldest_age_s,
+        "worker_deaths_last_min": int(deaths),
+    }
 
 
 def _dispatch_problems(dispatch: dict[str, Any]) -> list[str]:
     problems = []
     if dispatch["dead_letters"]:
+        full = (
+            f" (at its cap of {dispatch['dead_letters_max']}: the oldest are dropped for new ones)"
+            if dispatch["dead_letters"] >= dispatch["dead_letters_max"] else ""
+        )
         problems.append(
-            f"{dispatch['dead_letters']} dispatch message(s) in the dead-letter stream; "
-            "see 'esb dead-letters'"
+            f"{dispatch['dead_letters']} dispatch message(s) in the dead-letter stream, the oldest "
+            f"{dispatch['oldest_dead_letter_age_s']:.0f} s old{full}; see 'esb dead-letters'"
         )
     if (dispatch["worker_deaths_last_min"] or 0) > CRASH_LOOP_DEATHS_PER_MIN:
         problems.append(f"{dispatch['worker_deaths_last_min']} worker deaths in the last minute")
@@ -278,7 +294,7 @@ def collect_status(
     try:
         workers = _workers(client, keys, stale_after_s, now)
         scheduler = _scheduler(client, keys, definitions, stale_after_s, now)
-        dispatch = _dispatch(client, keys, now)
+        dispatch = _dispatch(client, keys, now, config.dispatch.dead_letters_max)
         amqp = amqp_status(client, keys, stale_after_s, now, definitions.of("channel.amqp"))
         notifications = notification_rows(client, keys, definitions, now)
         sql_outconns = sql_status(client, keys, stale_after_s, now)

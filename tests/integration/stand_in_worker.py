@@ -1,8 +1,8 @@
 """A stand-in worker for the scheduler tests: esb's own ``DispatchConsumer`` in a gevent
 process, as a worker runs it, with a "service" that appends each message it runs to a file.
 
-The consumer is the real one: it runs a new stream entry without looking for a done-marker,
-so a firing that the scheduler put on the stream twice runs twice and shows in the file.
+The consumer is the real one: it keeps no record of finished messages and runs every new
+stream entry, so a firing that the scheduler put on the stream twice runs twice and shows in the file.
 The file lives outside Redis, so it survives a Redis that restarts and loses its data.
 
     python -m tests.integration.stand_in_worker REDIS_URL CLUSTER RUNS_FILE RUN_S

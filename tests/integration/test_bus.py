@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from esb.bus import DispatchMessage, Keys, enqueue, ensure_group
-from esb.bus.dispatch import BacklogFull, finish, is_done
+from esb.bus.dispatch import BacklogFull, finish
 
 
 def test_backlog_is_bounded(redis_client, cluster):
@@ -40,8 +40,6 @@ def test_message_round_trip_and_done_marker(redis_client, cluster):
         "c1",
     )
     assert message.job["firing_id"] == "j@1"
-    assert not is_done(redis_client, keys, msg_id)
-    finish(redis_client, keys, entry_id, msg_id, done_ttl_s=60)
-    assert is_done(redis_client, keys, msg_id)
+    finish(redis_client, keys, entry_id)
     assert redis_client.xlen(keys.dispatch) == 0
     assert redis_client.xpending(keys.dispatch, keys.dispatch_group)["pending"] == 0

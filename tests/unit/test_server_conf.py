@@ -38,7 +38,7 @@ BAD = [
     ("[main]\ngraceful_timeout_s = 0\n" + GOOD, "main.graceful_timeout_s: must be at least 1 second"),
     ("[redis]\nsocket_timeout_s = 0\n" + GOOD, "redis.socket_timeout_s: must be positive"),
     ("[http]\nbody_timeout_s = 0\n" + GOOD, "http.body_timeout_s: must be positive"),
-    ("[dispatch]\ndone_ttl_s = 0\n" + GOOD, "dispatch.done_ttl_s: must be at least 1 second"),
+    ("[dispatch]\ndead_letters_max = 0\n" + GOOD, "dispatch.dead_letters_max: must be at least 1"),
     ("[dispatch]\nconcurrency = 0\n" + GOOD, "dispatch.concurrency: must be at least 1"),
     ("[dispatch]\nmax_backlog = -1\n" + GOOD, "dispatch.max_backlog: must not be negative"),
     ("[dispatch]\nmax_deliveries = 0\n" + GOOD, "dispatch.max_deliveries: must be at least 1"),
@@ -115,6 +115,14 @@ def test_a_deprecated_key_name_is_read_with_a_warning(tmp_path, caplog):
     assert (config.main.timeout_s, config.main.graceful_timeout_s) == (12, 4)
     assert any("main.timeout is deprecated; call it main.timeout_s" in d for d in config.deprecations)
     assert "main.graceful_timeout is deprecated" in caplog.text
+
+
+def test_a_retired_key_is_accepted_with_a_warning(tmp_path):
+    """A server.conf copied from an older example still loads."""
+    (tmp_path / "server.conf").write_text("[dispatch]\ndone_ttl_s = 86400\n" + GOOD, encoding="utf-8")
+    config = load_server_config(tmp_path, environ={})
+    [warning] = config.deprecations
+    assert "dispatch.done_ttl_s is no longer read" in warning and "remove it" in warning
 
 
 def test_the_environment_may_still_use_a_deprecated_name(tmp_path):
