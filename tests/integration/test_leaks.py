@@ -9,13 +9,15 @@ every path an error takes (a service's exception, a status fact, a log line) is 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import amqp
 import requests
 
-from tests.helpers import Server, wait_until
+from tests.helpers import ESB, Server, wait_until
 
 DEPLOYABLES = Path(__file__).parent / "deployables"
 
@@ -63,4 +65,18 @@ def test_outside_values_cannot_begin_a_log_line(
     # The correlation_id is not a plain token: the message got a cid of its own.
     assert "FORGED-CID" not in log
 
+
+def test_every_command_ends_quietly_when_its_output_pipe_closes(esb_server: Any) -> None:
+    server = esb_server(start=False)
+    for args in (["status", str(server.directory)], ["status", str(server.directory), "--json"],
+                 ["check-config", str(server.directory)]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the command writes a byte (| head -0)
+        try:
+            done = subprocess.run([*ESB, *args], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                  timeout=60)
+        finally:
+            os.close(write_end)
+        assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+        assert done.returncode == 141, (args, done.returncode, done.stderr)
 
