@@ -10,24 +10,127 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import amqp
 import requests
 
-from tests.helpers import ESB, Server, wait_until
+from tests.helpers import ESB, Server, esb, free_port, wait_until
 
 DEPLOYABLES = Path(__file__).parent / "deployables"
 
+# A password holding each character a URL's userinfo may not hold unencoded; each part
+# between them is looked for on its own, so no tail or head of it may show either.
+PASSWORD = "Alpha7#Bravo7/Charlie7@Delta7?Echo7"
+PARTS = ("Alpha7", "Bravo7", "Charlie7", "Delta7", "Echo7")
 
+
+def leaked(text: str) -> list[str]:
+    return [part for part in PARTS if part in text]
 
 
 def deploy_ok(server: Server, path: Path) -> None:
     done = server.deploy(path)
     assert done.returncode == 0, f"esb deploy {path.name}: {done.stdout}\n{done.stderr}"
 
+
+def leaky_units(password: str, dead_port: int, prefix: str = "leak") -> tuple[str, str]:
+    """An AMQP and an SQL outconn with PASSWORD in their URLs, both at DEAD_PORT."""
+    mq = (f'[[outconn.amqp]]\nname = "{prefix}-mq"\n'
+          f'url = "amqp://guest:{password}@127.0.0.1:{dead_port}//"\nretry_budget_s = 1\n')
+    db = (f'[[outconn.sql]]\nname = "{prefix}-db"\n'
+          f'url = "postgresql+psycopg://esb:{password}@127.0.0.1:{dead_port}/test"\npool_timeout_s = 2\n')
+    return mq, db
+
+
+def test_a_password_with_reserved_characters_shows_nowhere(esb_server: Any, tmp_path: Path) -> None:
+    server = esb_server(workers=1)
+    dead_port = free_port()
+    mq, db = leaky_units(quote(PASSWORD, safe=""), dead_port)
+    unit = tmp_path / "leak.toml"
+    unit.write_text(mq + db + '[[notification.sql]]\nname = "leak-note"\noutconn = "leak-db"\n'
+                    'query = "SELECT 1 AS id"\nservice = "leakt.tell"\ninterval_s = 5\n'
+                    '[[channel.http]]\nname = "leak-use"\npath = "/leak/use"\nservice = "leakt.use"\n')
+    deploy_ok(server, DEPLOYABLES / "leaktest.py")
+    deploy_ok(server, unit)
+
+    # The errors a service gets from each outconn, caught and raised.
+    caught = server.post("/leak/use", {"amqp": "leak-mq", "sql": "leak-db"})
+    assert caught.status_code == 200, caught.text
+    errors = caught.json()
+    assert "AmqpUnreachable" in errors["amqp"] and "OperationalError" in errors["sql"], errors
+    raised = server.post("/leak/use", {"amqp": "leak-mq", "sql": "leak-db", "raise": True})
+    assert raised.status_code == 503 and "leak-mq" in raised.text, raised.text
+    assert leaked(caught.text + raised.text) == [], caught.text + raised.text
+
+    # Status, once the worker's ping found the database down and the notification failed.
+    def status_says_both_fail() -> dict | None:
+        status = server.status()
+        sql = {o["name"]: o for o in status["outconns"]["sql"]}.get("leak-db")
+        note = {n["name"]: n for n in status["notifications"]}.get("leak-note")
+        return status if sql and sql["reachable"] is False and note and note["last_error"] else None
+
+    status = wait_until(status_says_both_fail, timeout_s=30, message="status shows both failing")
+    text = esb("status", str(server.directory))
+    admin = requests.get(server.url("/esb/status"), headers=server.admin_headers(), timeout=10)
+    assert admin.status_code in (200, 503), admin.text
+    shown = json.dumps(status) + text.stdout + text.stderr + admin.text
+    assert leaked(shown) == [], shown
+    # The text form lists what the README says it lists.
+    rows = [line for line in text.stdout.splitlines() if line.startswith(("ok   ", "FAIL "))]
+    for what in ("outconn.sql leak-db", "notification leak-note"):
+        assert any(what in row for row in rows), text.stdout
+
+    # check-config of a directory whose config/ holds the unit.
+    (server.directory / "config" / "leak.toml").write_text(unit.read_text())
+    checked = esb("check-config", str(server.directory))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert leaked(checked.stdout + checked.stderr) == [], checked.stdout + checked.stderr
+    (server.directory / "config" / "leak.toml").unlink()
+
+    # Unencoded, the same password is refused, by deploy and check-config, naming the file
+    # and the key, saying what to do, and without a word of the password.
+    raw_mq, raw_db = leaky_units(PASSWORD, dead_port, "raw")
+    raws = (("raw-mq.toml", raw_mq, "outconn.amqp"), ("raw-db.toml", raw_db, "outconn.sql"))
+    for name, text_, kind in raws:
+        path = tmp_path / name
+        path.write_text(text_)
+        refused = server.deploy(path)
+        said = refused.stdout + refused.stderr
+        assert refused.returncode != 0, said
+        assert name in said and f"{kind}[0].url" in said and "percent-encode" in said, said
+        assert leaked(said) == [], said
+        (server.directory / "config" / name).write_text(text_)
+        checked = esb("check-config", str(server.directory))
+        said = checked.stdout + checked.stderr
+        assert checked.returncode == 2 and f"{kind}[0].url" in said and leaked(said) == [], said
+        (server.directory / "config" / name).unlink()
+
+    # Through pickup/: the refused file goes to rejected/, a good one to deployed/, both
+    # (and the .error file) readable by their owner only, whatever mode they came with.
+    pickup = server.directory / "pickup"
+    for name, text_ in (("raw-mq.toml", raw_mq), ("fine.toml", '[[channel.http]]\nname = "fine"\n'
+                                                               'path = "/fine"\nservice = "leakt.tell"\n')):
+        dropped = pickup / name
+        dropped.write_text(text_)
+        dropped.chmod(0o644)
+    rejected = wait_until(lambda: list((pickup / "rejected").glob("*raw-mq.toml.error")), timeout_s=30,
+                          message="raw-mq.toml rejected")
+    deployed = wait_until(lambda: list((pickup / "deployed").glob("*fine.toml")), timeout_s=30,
+                          message="fine.toml deployed")
+    error_text = rejected[0].read_text()
+    assert "outconn.amqp[0].url" in error_text and leaked(error_text) == [], error_text
+    for path in (*rejected, rejected[0].with_name(rejected[0].name.removesuffix(".error")), *deployed):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"{path}: {oct(path.stat().st_mode)}"
+
+    # Every log, after all of that.
+    for path in sorted((server.directory / "logs").rglob("*")):
+        if path.is_file():
+            assert leaked(path.read_text(errors="replace")) == [], f"{path}:\n{path.read_text()[-3000:]}"
 
 
 def test_outside_values_cannot_begin_a_log_line(

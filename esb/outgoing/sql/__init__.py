@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine, make_url
 from esb.bus import parse_iso
 from esb.bus.heartbeat import rows_of
 from esb.config.definitions import SqlOutconnDef
+from esb.config.secrets import masked_url
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -53,12 +54,8 @@ PING_S = 5.0  # how often a worker checks that each database it uses answers
 HEARTBEAT_FIELD = "outconns_sql"
 
 
-def mask_url(url: str) -> str:
-    """URL with its password replaced by ***: the only form in which a URL is logged or shown."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # a malformed URL: show no part of it that may hold a secret
-        return url.split("://", 1)[0] + "://***"
+#: The name this module gave ``masked_url`` before masking had one home.
+mask_url = masked_url
 
 
 def engine_options(definition: SqlOutconnDef) -> dict[str, Any]:
@@ -93,7 +90,7 @@ class SqlOutconn:
     def __init__(self, definition: SqlOutconnDef):
         self.definition = definition
         self.name = definition.name
-        self.url = mask_url(definition.url)
+        self.url = masked_url(definition.url)
         self._engine: Engine | None = None
         self._lock = threading.Lock()
         self.is_retired = False
