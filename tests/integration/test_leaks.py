@@ -12,13 +12,17 @@ import json
 import os
 import stat
 import subprocess
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import amqp
+import psycopg
 import requests
 
+from tests.conftest import PG_URL
 from tests.helpers import ESB, Server, esb, free_port, wait_until
 
 DEPLOYABLES = Path(__file__).parent / "deployables"
@@ -183,3 +187,37 @@ def test_every_command_ends_quietly_when_its_output_pipe_closes(esb_server: Any)
         assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
         assert done.returncode == 141, (args, done.returncode, done.stderr)
 
+
+def test_an_exhausted_sql_pool_answers_503_naming_it(esb_server: Any, tmp_path: Path, pg_url: str) -> None:
+    server = esb_server(workers=1)
+    app = "esb-pool-" + uuid.uuid4().hex[:8]
+    unit = tmp_path / "pool.toml"
+    unit.write_text(f'[[outconn.sql]]\nname = "pool-db"\nurl = "{pg_url}"\npool_size = 1\nmax_overflow = 0\n'
+                    f'pool_timeout_s = 1\nconnect_args = {{ application_name = "{app}" }}\n'
+                    '[[channel.http]]\nname = "pool-hold"\npath = "/pool/hold"\nservice = "leakt.hold"\n'
+                    '[[channel.http]]\nname = "pool-query"\npath = "/pool/query"\nservice = "leakt.query"\n')
+    deploy_ok(server, DEPLOYABLES / "leaktest.py")
+    deploy_ok(server, unit)
+    assert server.post("/pool/query", {"sql": "pool-db"}).status_code == 200
+
+    held: list[requests.Response] = []
+    holder = threading.Thread(target=lambda: held.append(
+        server.post("/pool/hold", {"sql": "pool-db", "seconds": 6})))
+    holder.start()
+    try:
+        dsn = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+
+        def sleeping() -> bool:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                                    " AND query LIKE '%%pg_sleep%%' AND state = 'active'",
+                                    (app,)).fetchone()[0] == 1
+
+        wait_until(sleeping, message="the pool's one connection held")
+        answer = server.post("/pool/query", {"sql": "pool-db"})
+    finally:
+        holder.join(timeout=30)
+    assert answer.status_code == 503, answer.text
+    assert "outconn pool-db: pool exhausted" in answer.json()["error"], answer.text
+    assert "does not answer" not in answer.text
+    assert held and held[0].status_code == 200, held

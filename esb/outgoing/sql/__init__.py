@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from esb.bus import parse_iso
 from esb.bus.heartbeat import rows_of
 from esb.config.definitions import SqlOutconnDef
 from esb.config.secrets import masked_url
+from esb.errors import PoolExhausted
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -109,10 +111,24 @@ class SqlOutconn:
         return self._engine
 
     def __getattr__(self, attr: str) -> Any:
-        # connect(), begin(), dialect, execution_options()...: the Engine's own.
+        # dialect, execution_options(), dispose()...: the Engine's own.
         if attr.startswith("_"):
             raise AttributeError(attr)
         return getattr(self.engine, attr)
+
+    def connect(self) -> Connection:
+        """A connection from the pool, as ``Engine.connect``; PoolExhausted (a 503 naming
+        this outconn) when none came free within ``pool_timeout_s``."""
+        try:
+            return self.engine.connect()
+        except PoolTimeout as exc:
+            raise self._exhausted() from exc
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A connection in a transaction that commits when the block ends, as ``Engine.begin``."""
+        with self.connect() as conn, conn.begin():
+            yield conn
 
     @contextmanager
     def session(self, **kwargs: Any) -> Iterator[Session]:
@@ -127,9 +143,19 @@ class SqlOutconn:
             try:
                 yield session
                 session.commit()
+            except PoolTimeout as exc:  # the session takes its connection at its first query
+                session.rollback()
+                raise self._exhausted() from exc
             except BaseException:
                 session.rollback()
                 raise
+
+    def _exhausted(self) -> PoolExhausted:
+        """Every connection busy: the database may be fine, this pool is too small or held."""
+        d = self.definition
+        return PoolExhausted(self.name, f"pool exhausted: all {d.pool_size + d.max_overflow} connections "
+                                        f"(pool_size {d.pool_size}, max_overflow {d.max_overflow}) "
+                                        f"stayed busy for {d.pool_timeout_s:g} s")
 
     def check(self) -> None:
         """Ping the database (SELECT 1) if a service used this engine; for status, in the
@@ -139,6 +165,8 @@ class SqlOutconn:
         try:
             with self._engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
+        except PoolTimeout:
+            return  # every connection busy: that says nothing of whether the database answers
         except Exception as exc:
             orig = getattr(exc, "orig", None)
             message = str(orig if orig is not None else exc).strip().splitlines()
