@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "HEARTBEAT_FIELD",
     "SqlOutconn",
+    "SqlPoolExhausted",
     "check_all",
     "heartbeat_field",
     "mask_url",
@@ -54,6 +55,12 @@ RETIRE_POLL_S = 0.5
 PING_S = 5.0  # how often a worker checks that each database it uses answers
 #: The heartbeat field under which a worker publishes its engines' facts.
 HEARTBEAT_FIELD = "outconns_sql"
+
+
+class SqlPoolExhausted(PoolExhausted, PoolTimeout):
+    """Every connection of an outconn's pool stayed busy: PoolExhausted (a 503 naming the
+    outconn), and still the TimeoutError SQLAlchemy raises, so code that catches that or
+    any SQLAlchemyError (a notification run) goes on catching it."""
 
 
 #: The name this module gave ``masked_url`` before masking had one home.
@@ -145,15 +152,17 @@ class SqlOutconn:
                 session.commit()
             except PoolTimeout as exc:  # the session takes its connection at its first query
                 session.rollback()
+                if isinstance(exc, PoolExhausted):
+                    raise  # another outconn's, named already
                 raise self._exhausted() from exc
             except BaseException:
                 session.rollback()
                 raise
 
-    def _exhausted(self) -> PoolExhausted:
+    def _exhausted(self) -> SqlPoolExhausted:
         """Every connection busy: the database may be fine, this pool is too small or held."""
         d = self.definition
-        return PoolExhausted(self.name, f"pool exhausted: all {d.pool_size + d.max_overflow} connections "
+        return SqlPoolExhausted(self.name, f"pool exhausted: all {d.pool_size + d.max_overflow} connections "
                                         f"(pool_size {d.pool_size}, max_overflow {d.max_overflow}) "
                                         f"stayed busy for {d.pool_timeout_s:g} s")
 
