@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 # Name -> module, in the order `esb --help` lists them.
@@ -64,9 +65,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 # Files esb creates hold secrets (server.conf, the ODB, Redis's append-only file, logs with
 # payloads): readable by their owner only. Every process of a server inherits this.
 PRIVATE_UMASK = 0o077
+# A command whose reader went away (``esb status DIR | head -1``) exits as a tool killed by
+# SIGPIPE does, with no traceback: Python ignores SIGPIPE, so the write raises instead.
+# (SIGPIPE is not restored to its default: the launcher and the workers write to sockets.)
+PIPE_CLOSED = 128 + signal.SIGPIPE
 
 
 def main(argv: list[str] | None = None) -> None:
     os.umask(PRIVATE_UMASK)
-    args = build_parser(argv).parse_args(argv)
-    raise SystemExit(args.handler(args))
+    try:
+        try:
+            args = build_parser(argv).parse_args(argv)
+            code = args.handler(args)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit: that one must find somewhere to write.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = PIPE_CLOSED
+    raise SystemExit(code)

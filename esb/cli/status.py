@@ -64,6 +64,22 @@ def render_text(status: dict[str, Any]) -> str:
                f"cap {dispatch['dead_letters_max']})" if dispatch["dead_letters"] else "")
             + f", {dispatch['worker_deaths_last_min']} worker deaths in the last minute"
         )
+    for note in status.get("notifications") or []:
+        state = "" if note["active"] else (", paused" if note.get("paused") else ", inactive")
+        lines.append(
+            f"{mark(not note['stale'] and not note['failing'])}notification {note['name']} "
+            f"({note['mode']}{state}): runs {note['runs']}, rows {note['rows']}, "
+            f"failures {note['failures']}, last {note['last_run']} {note['last_outcome'] or ''}".rstrip()
+            + f", next {note['next_run']}"
+            + (", STALE" if note["stale"] else "")
+            + (f", error {note['last_error']}" if note["failing"] and note["last_error"] else "")
+        )
+    for sql in (status.get("outconns") or {}).get("sql", []):
+        lines.append(
+            f"{mark(sql['reachable'] is not False)}outconn.sql {sql['name']} {sql['url']}: "
+            f"pool {sql['pool_size']} a worker, checked out {sql['checked_out']}"
+            + (f", last error: {sql['last_error']}" if sql["last_error"] else "")
+        )
     for pool in (status.get("outconns") or {}).get("amqp", []):
         lines.append(
             f"{mark(pool['reachable'] is not False and not pool['blocked'])}outconn.amqp {pool['name']} "

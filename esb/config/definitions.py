@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from esb.config.schedule import schedule_problem, trigger_problem
-from esb.config.secrets import secret_field
+from esb.config.secrets import secret_field, url_field, url_problem
 from esb.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -82,13 +82,13 @@ class JobDef:
 @dataclass(frozen=True)
 class SqlOutconnDef:
     name: str
-    url: str  # the password may be $ENV{...}; shown masked everywhere
+    url: str = url_field()  # the password may be $ENV{...}; shown masked everywhere
     pool_size: int = 5
     max_overflow: int = 0
     pool_timeout_s: float = 10.0
     recycle_s: float = 1800.0  # connections older than this are replaced (-1: never)
     pre_ping: bool = True
-    connect_args: dict = field(default_factory=dict)
+    connect_args: dict = secret_field(default_factory=dict)  # may hold a password: shown masked
     statement_timeout_s: float | None = None  # PostgreSQL: -c statement_timeout
 
 
@@ -118,7 +118,7 @@ class SqlNotificationDef:
 @dataclass(frozen=True)
 class AmqpOutconnDef:
     name: str
-    url: str = field(repr=False)  # may hold a password: shown through masked() only
+    url: str = url_field()  # may hold a password: shown through masked() only
     exchange: str = ""
     routing_key: str = ""
     pool_size: int = 10
@@ -146,7 +146,7 @@ class AmqpChannelDef:
     name: str
     queue: str
     service: str
-    url: str | None = field(default=None, repr=False)  # may hold a password: see masked()
+    url: str | None = url_field(default=None)  # may hold a password: see masked()
     outconn: str | None = None  # or the url of this [[outconn.amqp]]
     prefetch: int = 100
     consumers_per_worker: int = 1
@@ -326,6 +326,14 @@ def _check_name(obj: Any, file: str, where: str) -> None:
     _need(bool(_NAME.match(obj.name)), file, f"{where}.name", "must be letters, digits, '.', '_' or '-'")
 
 
+def _check_url(url: str, file: str, key: str) -> None:
+    """A URL whose password cannot be told apart from the rest is refused: no masking of it
+    is safe to print, and drivers read it in different ways. The reason never quotes it."""
+    problem = url_problem(url)
+    if problem is not None:
+        raise ConfigError(file, key, problem)
+
+
 def _check_channel(obj: HttpChannelDef, file: str, where: str) -> None:
     _check_name(obj, file, where)
     _need(
@@ -379,6 +387,7 @@ def _check_amqp_outconn(obj: AmqpOutconnDef, file: str, where: str) -> None:
         f"{where}.url",
         "must be amqp:// or amqps://",
     )
+    _check_url(obj.url, file, f"{where}.url")
     for attr in ("pool_size", "acquire_timeout_s", "confirm_timeout_s", "blocked_timeout_s", "window"):
         _need(getattr(obj, attr) > 0, file, f"{where}.{attr}", "must be positive")
     _need(obj.heartbeat_s >= 0, file, f"{where}.heartbeat_s", "must not be negative (0 turns heartbeats off)")
@@ -395,6 +404,7 @@ def _check_amqp_channel(obj: AmqpChannelDef, file: str, where: str) -> None:
         _need(
             obj.url.startswith(("amqp://", "amqps://")), file, f"{where}.url", "must be amqp:// or amqps://"
         )
+        _check_url(obj.url, file, f"{where}.url")
     _need(bool(obj.queue), file, f"{where}.queue", "must not be empty")
     for attr in ("prefetch", "consumers_per_worker", "max_deliveries"):
         _need(getattr(obj, attr) > 0, file, f"{where}.{attr}", "must be positive")
@@ -408,6 +418,7 @@ def _check_amqp_channel(obj: AmqpChannelDef, file: str, where: str) -> None:
 def _check_sql_outconn(obj: SqlOutconnDef, file: str, where: str) -> None:
     _check_name(obj, file, where)
     _need("://" in obj.url, file, f"{where}.url", "must be an SQLAlchemy URL such as postgresql+psycopg://...")
+    _check_url(obj.url, file, f"{where}.url")
     _need(obj.pool_size > 0, file, f"{where}.pool_size", "must be positive")
     _need(obj.max_overflow >= 0, file, f"{where}.max_overflow", "must not be negative")
     _need(obj.pool_timeout_s > 0, file, f"{where}.pool_timeout_s", "must be positive")

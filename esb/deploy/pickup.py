@@ -235,7 +235,10 @@ class PickupWatcher:
         self._failures.pop(path.name, None)
         target = self._move(path, REJECTED)
         if target is not None:
-            target.with_name(target.name + ".error").write_text(reason + "\n", encoding="utf-8")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            with os.fdopen(os.open(target.with_name(target.name + ".error"), flags, 0o600), "w",
+                           encoding="utf-8") as file:
+                file.write(reason + "\n")
             logger.error("pickup: %s moved to %s: %s", path.name, target, reason)
 
     def _move(self, path: Path, where: str) -> Path | None:
@@ -246,6 +249,9 @@ class PickupWatcher:
             os.rename(path, target)  # a symlink moves as a link
         except FileNotFoundError:
             return None
+        # It may hold secrets (a URL's password): its owner's only, whatever mode it came with.
+        if not target.is_symlink():
+            target.chmod(0o600)
         return target
 
     def _prune(self) -> None:

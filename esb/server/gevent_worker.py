@@ -20,7 +20,6 @@ import http
 import json
 import logging
 import os
-import re
 import resource
 import socket
 from typing import Any
@@ -34,6 +33,7 @@ from gunicorn.http import errors as parser_errors
 from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
+from esb.observe.context import cid_or_new
 from esb.observe.logs import bounded_traceback
 from esb.server import gunicorn_tuning
 
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 CID_HEADER = "X-ESB-CID"
 INTERNAL_ERROR = "internal error; see the server log for this cid"
-_PLAIN_TOKEN = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
 # What each of gunicorn's parser errors answers; the most specific class in the MRO wins,
 # anything else (an exception escaping the app, which esb's error handlers should have
@@ -74,9 +73,9 @@ def cid_of_request(req: Any) -> str:
     """The cid a refused request gets: its X-ESB-CID if the parser got that far and it is a
     plain token of at most 64 characters, else a new one."""
     for name, value in getattr(req, "headers", None) or ():
-        if name == CID_HEADER.upper() and _PLAIN_TOKEN.match(value):
-            return value
-    return os.urandom(16).hex()
+        if name == CID_HEADER.upper():
+            return cid_or_new(value)
+    return cid_or_new(None)
 
 
 def error_answer(status: int, message: str, cid: str) -> bytes:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from esb.config import masked, masked_url, parse_unit
-from esb.config.secrets import keep_private
+from esb.config.secrets import keep_private, url_problem
+from esb.errors import ConfigError
 
 UNIT = '''
 [[security.basic_auth]]
@@ -54,3 +57,43 @@ def test_keep_private_tightens_what_an_older_esb_left(tmp_path: Path):
     assert tmp_path.stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "run" / "appendonlydir").stat().st_mode & 0o777 == 0o700
     assert all(path.stat().st_mode & 0o777 == 0o600 for path in made)
+
+
+def test_masked_url_never_shows_a_part_of_a_password_with_reserved_characters():
+    password = "Alpha7#Bravo7/Charlie7@Delta7?Echo7"
+    for url in (f"amqp://guest:{password}@127.0.0.1:5672//",
+                f"postgresql+psycopg://esb:{password}@db/esb",
+                "postgresql+psycopg://esb:Alpha7@Delta7@db/esb",
+                "amqp://guest:Alpha7/Delta7@h//", "amqp://guest:Alpha7?Delta7@h//"):
+        shown = masked_url(url)
+        assert "Alpha7" not in shown and "Delta7" not in shown, shown
+        assert url_problem(url) is not None and "percent-encode" in url_problem(url)
+        assert "Alpha7" not in url_problem(url)
+    encoded = "amqp://guest:Alpha7%23Bravo7%2FCharlie7%40Delta7@127.0.0.1:5672//"
+    assert masked_url(encoded) == "amqp://guest:**@127.0.0.1:5672//" and url_problem(encoded) is None
+    assert masked_url("postgresql://h/db?sslpassword=Alpha7&x=1") == "postgresql://h/db?sslpassword=**&x=1"
+    assert url_problem("postgresql://u:Alpha7%zz@h/db") is not None  # a '%' that starts no escape
+    assert url_problem("amqp://u:$ENV{MQ_PASSWORD}@h//") is None
+
+
+def test_a_definition_shows_no_url_password_nor_connect_args():
+    unit = '''
+[[outconn.sql]]
+name = "db"
+url = "postgresql+psycopg://esb:db-pass@127.0.0.1/esb"
+connect_args = { password = "driver-pass", application_name = "esb" }
+'''
+    (db,) = parse_unit("db.toml", unit, environ={})["outconn.sql"]
+    shown = repr(db) + repr(masked(db))
+    assert "db-pass" not in shown and "driver-pass" not in shown, shown
+    assert masked(db)["connect_args"] == {"password": "**", "application_name": "**"}
+
+
+def test_an_unencoded_reserved_character_is_refused_without_a_word_of_the_password():
+    unit = '[[outconn.amqp]]\nname = "mq"\nurl = "amqp://guest:Alpha7#Delta7@127.0.0.1//"\n'
+    with pytest.raises(ConfigError) as refused:
+        parse_unit("mq.toml", unit, environ={})
+    said = str(refused.value)
+    assert "mq.toml" in said and "outconn.amqp[0].url" in said and "percent-encode" in said
+    assert "Alpha7" not in said and "Delta7" not in said, said
+

@@ -36,6 +36,7 @@ from esb.config.definitions import AmqpChannelDef, AmqpOutconnDef
 from esb.config.secrets import masked_url
 from esb.errors import OutconnError
 from esb.observe import metrics
+from esb.observe.context import cid_or_new
 from esb.observe.retry import Retrying, RetryPolicy
 from esb.outgoing.amqp.link import LINK_ERRORS
 from esb.outgoing.amqp.pool import AmqpOutconn
@@ -191,7 +192,7 @@ class AmqpChannel:
         props = dict(message.properties)
         headers = dict(props.pop("application_headers", None) or {})
         deliveries = int(headers.get(DELIVERIES_HEADER, 0) or 0) + 1
-        cid = str(props.get("correlation_id") or os.urandom(16).hex())
+        cid = cid_or_new(props.get("correlation_id"))  # checked as an HTTP X-ESB-CID is
         self.stats.last_message_at = time.time()
         info = AmqpInfo(
             channel=d.name,

@@ -25,11 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from esb.bus import parse_iso
 from esb.bus.heartbeat import rows_of
 from esb.config.definitions import SqlOutconnDef
+from esb.config.secrets import masked_url
+from esb.errors import PoolExhausted
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "HEARTBEAT_FIELD",
     "SqlOutconn",
+    "SqlPoolExhausted",
     "check_all",
     "heartbeat_field",
     "mask_url",
@@ -53,12 +57,14 @@ PING_S = 5.0  # how often a worker checks that each database it uses answers
 HEARTBEAT_FIELD = "outconns_sql"
 
 
-def mask_url(url: str) -> str:
-    """URL with its password replaced by ***: the only form in which a URL is logged or shown."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # a malformed URL: show no part of it that may hold a secret
-        return url.split("://", 1)[0] + "://***"
+class SqlPoolExhausted(PoolExhausted, PoolTimeout):
+    """Every connection of an outconn's pool stayed busy: PoolExhausted (a 503 naming the
+    outconn), and still the TimeoutError SQLAlchemy raises, so code that catches that or
+    any SQLAlchemyError (a notification run) goes on catching it."""
+
+
+#: The name this module gave ``masked_url`` before masking had one home.
+mask_url = masked_url
 
 
 def engine_options(definition: SqlOutconnDef) -> dict[str, Any]:
@@ -93,7 +99,7 @@ class SqlOutconn:
     def __init__(self, definition: SqlOutconnDef):
         self.definition = definition
         self.name = definition.name
-        self.url = mask_url(definition.url)
+        self.url = masked_url(definition.url)
         self._engine: Engine | None = None
         self._lock = threading.Lock()
         self.is_retired = False
@@ -112,10 +118,24 @@ class SqlOutconn:
         return self._engine
 
     def __getattr__(self, attr: str) -> Any:
-        # connect(), begin(), dialect, execution_options()...: the Engine's own.
+        # dialect, execution_options(), dispose()...: the Engine's own.
         if attr.startswith("_"):
             raise AttributeError(attr)
         return getattr(self.engine, attr)
+
+    def connect(self) -> Connection:
+        """A connection from the pool, as ``Engine.connect``; PoolExhausted (a 503 naming
+        this outconn) when none came free within ``pool_timeout_s``."""
+        try:
+            return self.engine.connect()
+        except PoolTimeout as exc:
+            raise self._exhausted() from exc
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A connection in a transaction that commits when the block ends, as ``Engine.begin``."""
+        with self.connect() as conn, conn.begin():
+            yield conn
 
     @contextmanager
     def session(self, **kwargs: Any) -> Iterator[Session]:
@@ -130,9 +150,21 @@ class SqlOutconn:
             try:
                 yield session
                 session.commit()
+            except PoolTimeout as exc:  # the session takes its connection at its first query
+                session.rollback()
+                if isinstance(exc, PoolExhausted):
+                    raise  # another outconn's, named already
+                raise self._exhausted() from exc
             except BaseException:
                 session.rollback()
                 raise
+
+    def _exhausted(self) -> SqlPoolExhausted:
+        """Every connection busy: the database may be fine, this pool is too small or held."""
+        d = self.definition
+        return SqlPoolExhausted(self.name, f"pool exhausted: all {d.pool_size + d.max_overflow} connections "
+                                        f"(pool_size {d.pool_size}, max_overflow {d.max_overflow}) "
+                                        f"stayed busy for {d.pool_timeout_s:g} s")
 
     def check(self) -> None:
         """Ping the database (SELECT 1) if a service used this engine; for status, in the
@@ -142,6 +174,8 @@ class SqlOutconn:
         try:
             with self._engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
+        except PoolTimeout:
+            return  # every connection busy: that says nothing of whether the database answers
         except Exception as exc:
             orig = getattr(exc, "orig", None)
             message = str(orig if orig is not None else exc).strip().splitlines()
