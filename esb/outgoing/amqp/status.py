@@ -19,7 +19,8 @@ def amqp_status(
     client: redis.Redis, keys: Keys, stale_after_s: float, now: dt.datetime, channels: Mapping[str, Any]
 ) -> dict[str, list]:
     """``outconns`` (per [[outconn.amqp]] a worker has used), ``channels`` (per deployed
-    [[channel.amqp]] CHANNELS) and ``problems`` (a channel no live worker consumes for).
+    [[channel.amqp]] CHANNELS) and ``problems``: a channel no live worker consumes for, an
+    outconn that cannot connect.
     Raises RedisError like the rest of status."""
     names = sorted(client.scan_iter(match=keys.worker_heartbeat_pattern, count=500))
     live = []
@@ -64,8 +65,14 @@ def amqp_status(
     problems = [
         f"channel.amqp {name} has no consumer" for name, row in rows.items() if row["consumers_up"] == 0
     ]
+    outconns = merge_facts(live)
+    problems += [
+        f"outconn.amqp {o['name']}: the broker does not accept a connection ({o['last_error']})"
+        for o in outconns
+        if o["reachable"] is False
+    ]
     return {
-        "outconns": merge_facts(live),
+        "outconns": outconns,
         "channels": sorted(rows.values(), key=lambda r: r["name"]),
         "problems": problems,
     }
