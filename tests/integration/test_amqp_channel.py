@@ -253,21 +253,24 @@ def dead_letter_exchange(broker: amqp.Channel, exchange: str, queue: str | None)
         broker.queue_bind(queue, exchange)
 
 
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 def test_a_message_that_kills_its_worker_is_dead_lettered_after_max_deliveries(
-    esb_server: Any, tmp_path: Path, cluster: str, amqp_broker: amqp.Channel, amqp_queue: str,
+    esb_server: Any, tmp_path: Path, cluster: str, amqp_broker: amqp.Channel, queue_type: str,
     records: redis.Redis
 ) -> None:
     """A service that ends its worker (os._exit) never gets to fail: esb counts each
     delivery before the service runs, so the message reaches the dead letters after
     max_deliveries deliveries, costing at most that many workers, and the good messages
-    behind it are handled."""
+    behind it are handled. A quorum queue's own count header does not hide the message."""
+    amqp_queue = f"esbt-{uuid.uuid4().hex[:12]}-{queue_type}"
     dlx, dlq = "esbt-dlx-" + uuid.uuid4().hex[:8], amqp_queue + "-dead"
     dead_letter_exchange(amqp_broker, dlx, dlq)
     try:
         server = esb_server(workers=1)
         name = f"c-{amqp_queue}"
         deploy_channel(server, tmp_path, {"name": name, "queue": amqp_queue, "max_deliveries": 3,
-                                          "retry_delay_s": 0.5, "dead_letter_exchange": dlx})
+                                          "retry_delay_s": 0.5, "dead_letter_exchange": dlx,
+                                          "declare": queue_type})
         wait_until(lambda: consumers(amqp_broker, amqp_queue) == 1, timeout_s=60, message="consumer up")
         publish(amqp_broker, amqp_queue, [{"i": 0, "exit": True}] + [{"i": i} for i in range(1, 21)])
         wait_until(lambda: queue_depth(amqp_broker, dlq) == 1, timeout_s=90,
@@ -288,7 +291,8 @@ def test_a_message_that_kills_its_worker_is_dead_lettered_after_max_deliveries(
                          message="status counts the dead letter")
         assert row["consumers_up"] == 1, row
     finally:
-        amqp_broker.queue_delete(dlq)
+        records.delete(f"amqpt:{amqp_queue}", f"amqpt:{amqp_queue}:by")
+        delete_queues(amqp_broker, amqp_queue, delay_queue(amqp_queue), dlq)
         amqp_broker.exchange_delete(dlx)
 
 

@@ -40,6 +40,10 @@ SETTLED_TTL_S = 60
 ALONE_WAIT_S = 60.0
 
 
+#: A header the broker changes from one delivery to the next (quorum queues): not the message's.
+BROKER_COUNT_HEADER = "x-delivery-count"
+
+
 def message_key(message: amqp.Message, prior_deliveries: int) -> str:
     """What tells this message from every other of its queue: its message_id, or a hash of
     its body and properties when it has none; with the deliveries of the copies before it,
@@ -47,8 +51,11 @@ def message_key(message: amqp.Message, prior_deliveries: int) -> str:
     props = message.properties
     identity = props.get("message_id")
     if not identity:
+        props = dict(props)
+        headers = dict(props.pop("application_headers", None) or {})
+        headers.pop(BROKER_COUNT_HEADER, None)
         body = message.body.encode() if isinstance(message.body, str) else bytes(message.body)
-        identity = json.dumps(props, sort_keys=True, default=str) + "\0" + body.hex()
+        identity = json.dumps([props, headers], sort_keys=True, default=str) + "\0" + body.hex()
     return hashlib.sha256(f"{identity}\0{prior_deliveries}".encode()).hexdigest()[:32]
 
 
