@@ -322,6 +322,10 @@ def test_a_republish_the_broker_cannot_route_keeps_the_message_and_status_names_
         for queue in (redelay, unbound, missing):
             wait_until(lambda q=queue: consumers(amqp_broker, q) == 1, timeout_s=60,
                        message=f"consumer of {queue}")
+        # A dead-letter exchange that does not exist fails status before a message needs it.
+        wait_until(lambda: any(f"c-{missing}" in p and dlx[missing] in p
+                               for p in server.status()["problems"]), timeout_s=30,
+                   message="status names the channel whose dead-letter exchange is missing")
         amqp_broker.queue_delete(delay_queue(redelay))
         for queue in (redelay, unbound, missing):
             publish(amqp_broker, queue, [{"i": 0, "fail": True}])

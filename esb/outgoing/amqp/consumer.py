@@ -60,6 +60,8 @@ HOLD_MIN_S = 1.0
 # A worker's republish problem stays in status this long after its last failure beyond
 # the hold between two tries of a kept message (another worker may have taken it over).
 PROBLEM_GRACE_S = 10.0
+# How often a consumer looks whether the dead-letter exchange exists.
+EXCHANGE_CHECK_S = 30.0
 
 _os_poll = original_poll()
 
@@ -78,6 +80,7 @@ class ChannelStats:
         "last_error",
         "delay_problem",
         "dead_letter_problem",
+        "dead_letter_exchange_missing",
     )
 
     def __init__(self) -> None:
@@ -91,6 +94,8 @@ class ChannelStats:
         # (time.monotonic()); None once one went through.
         self.delay_problem: tuple[str, float] | None = None
         self.dead_letter_problem: tuple[str, float] | None = None
+        # Set while the consumer's last look found no dead-letter exchange.
+        self.dead_letter_exchange_missing: str | None = None
 
 
 class AmqpChannel:
@@ -178,8 +183,12 @@ class AmqpChannel:
             up = True
             retrying.succeeded()
             turn = _Turn(conn.connection, channel, acks, held)
+            next_check = 0.0
             while not self._stopping:
                 turn()
+                if time.monotonic() >= next_check:
+                    self._check_dead_letter_exchange(conn.connection)
+                    next_check = time.monotonic() + EXCHANGE_CHECK_S
             # Graceful stop: no new messages; the held ones finish and are acknowledged.
             channel.basic_cancel(consumer_tag)
             deadline = time.monotonic() + 30
@@ -207,6 +216,24 @@ class AmqpChannel:
             # A queue that does not exist fails here, before the delay queue is made for it.
             channel.queue_declare(d.queue, passive=True)
         self._declare_delay_queue(channel)
+
+    def _check_dead_letter_exchange(self, connection: amqp.Connection) -> None:
+        """Whether the dead-letter exchange exists, known before a message needs it: a
+        passive declare on a channel of its own, since the broker closes the channel that
+        asked for an exchange it does not have."""
+        exchange = self.definition.dead_letter_exchange
+        if exchange is None:
+            return
+        probe = connection.channel()
+        try:
+            probe.exchange_declare(exchange, "direct", passive=True)
+        except amqp.exceptions.NotFound as exc:
+            missing = f"dead_letter_exchange {exchange!r} does not exist ({exc.reply_text})"
+        else:
+            missing = None
+        finally:
+            probe.close()  # py-amqp opened it again after the broker closed it
+        self.stats.dead_letter_exchange_missing = missing
 
     def _declare_delay_queue(self, channel: amqp.Channel) -> None:
         """Expired messages of the delay queue go back to the channel's own queue."""
@@ -356,7 +383,7 @@ class AmqpChannel:
             self.stats.dead_letter_problem = (problem, time.monotonic())
             logger.error("channel.amqp %s: message %s: %s", d.name, message_id, problem, extra={"cid": cid})
             return problem
-        self.stats.dead_letter_problem = None
+        self.stats.dead_letter_problem = self.stats.dead_letter_exchange_missing = None
         self.stats.dead_lettered += 1
         metrics.amqp_messages["channel.amqp", d.name, "dead_lettered"] += 1
         logger.warning(
@@ -429,7 +456,7 @@ class AmqpChannel:
             "last_message_at": s.last_message_at,
             "last_error": s.last_error,
             "delay_problem": self._fresh(s.delay_problem),
-            "dead_letter_problem": self._fresh(s.dead_letter_problem),
+            "dead_letter_problem": self._fresh(s.dead_letter_problem) or s.dead_letter_exchange_missing,
         }
 
 
