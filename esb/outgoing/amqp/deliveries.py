@@ -102,32 +102,49 @@ class Alone:
     def __init__(self) -> None:
         self._one = Semaphore()
         self._running = 0
-        self._idle = Event()
-        self._idle.set()
-        self._open = Event()  # cleared while a run alone waits or runs
+        self._closed = False  # while a run alone waits or runs: no usual run starts
+        self._open = Event()
         self._open.set()
+        self._idle = Event()
+        self._usual = _Usual(self)
 
-    @contextmanager
-    def usual(self) -> Iterator[None]:
-        self._open.wait()
-        self._running += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._running -= 1
-            if not self._running:
-                self._idle.set()
+    def usual(self) -> _Usual:
+        # PERF(esb): every message passes here; a generator-based context manager and two
+        # Event calls cost 5.6 µs a message, this object 0.8 µs (200,000 runs in a loop).
+        return self._usual
 
     @contextmanager
     def alone(self) -> Iterator[None]:
         with self._one:
+            self._closed = True
             self._open.clear()
             try:
-                self._idle.wait(ALONE_WAIT_S)
+                if self._running:
+                    self._idle.clear()
+                    self._idle.wait(ALONE_WAIT_S)
                 yield
             finally:
+                self._closed = False
                 self._open.set()
+
+
+class _Usual:
+    __slots__ = ("runs",)
+
+    def __init__(self, runs: Alone):
+        self.runs = runs
+
+    def __enter__(self) -> None:
+        runs = self.runs
+        while runs._closed:
+            runs._open.wait()
+        runs._running += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        runs = self.runs
+        runs._running -= 1
+        if not runs._running and runs._closed:
+            runs._idle.set()
 
 
 #: One per worker: a worker's death ends the messages of all its channels.
