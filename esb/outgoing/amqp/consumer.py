@@ -293,7 +293,7 @@ class AmqpChannel:
 
     def _count(self, message: amqp.Message, prior: int) -> tuple[int, str | None] | None:
         """One more delivery of a redelivered message: the deliveries counted so far and
-        why esb last kept it, if it did; None when Redis does not answer."""
+        what failed when esb last kept it, if it did; None when Redis does not answer."""
         try:
             return self.counts.redelivered(message_key(message, prior))
         except RedisError as exc:

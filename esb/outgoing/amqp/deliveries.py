@@ -33,13 +33,11 @@ from esb.bus import Keys
 #: A redelivered message's counter lives this long without news: longer than a message
 #: waits for its next delivery after a worker death, a requeue or a broker restart.
 PENDING_TTL_S = 3600
-#: Once the message is settled (acknowledged or kept in a queue again), its counter is
-#: needed only for a redelivery whose ack was lost: a minute, then it goes.
+#: Once the message is acknowledged, its counter is needed only for a redelivery whose
+#: ack was lost: a minute, then it goes.
 SETTLED_TTL_S = 60
 #: How long a redelivered message waits for the worker's other AMQP runs to finish.
 ALONE_WAIT_S = 60.0
-
-
 #: A header the broker changes from one delivery to the next (quorum queues): not the message's.
 BROKER_COUNT_HEADER = "x-delivery-count"
 
@@ -61,8 +59,9 @@ def message_key(message: amqp.Message, prior_deliveries: int) -> str:
 
 class DeliveryCounts:
     """The counters of one channel's redelivered messages, in Redis (``amqp_deliveries``):
-    a hash per message of ``deliveries`` and ``error``, the reason esb last put it back in
-    its queue itself. Every call raises RedisError when Redis does not answer."""
+    a hash per message of ``deliveries`` and ``error``, what failed when esb last put it
+    back in its queue itself (for the dead letter it may become). Every call raises
+    RedisError when Redis does not answer."""
 
     def __init__(self, client: redis.Redis, keys: Keys, channel: str):
         self.client = client
@@ -73,8 +72,8 @@ class DeliveryCounts:
         return self.keys.amqp_deliveries(self.channel, message_key)
 
     def redelivered(self, message_key: str) -> tuple[int, str | None]:
-        """Count one more delivery; answer the deliveries counted so far and the reason
-        esb last kept the message, if it did."""
+        """Count one more delivery; answer the deliveries counted so far and what failed
+        when esb last kept the message, if it did."""
         key = self._key(message_key)
         pipe = self.client.pipeline(transaction=True)
         pipe.hincrby(key, "deliveries", 1)
@@ -84,7 +83,7 @@ class DeliveryCounts:
         return int(deliveries), error.decode() if isinstance(error, bytes) else error
 
     def kept(self, message_key: str, error: str) -> None:
-        """The message goes back to its queue, by esb's choice, because of ERROR."""
+        """The message goes back to its queue, by esb's choice, after ERROR."""
         key = self._key(message_key)
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(key, "error", error)
@@ -92,6 +91,7 @@ class DeliveryCounts:
         pipe.execute()
 
     def settled(self, message_key: str) -> None:
+        """The message was acknowledged."""
         self.client.expire(self._key(message_key), SETTLED_TTL_S)
 
 
