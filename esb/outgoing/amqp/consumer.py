@@ -273,7 +273,10 @@ class AmqpChannel:
             return
         if deliveries > d.max_deliveries:
             # Back after its last allowed run: esb kept it, or its worker died running it.
-            error = kept_for or f"its worker died while the service ran it, {deliveries - 1} times"
+            error = kept_for or (
+                f"run {deliveries - 1} times without an outcome: its worker died (or lost the "
+                "broker) while the service ran it"
+            )
             problem = self._dead_letter(message, headers, deliveries - 1, error, cid)
         elif error is None:
             problem = None
