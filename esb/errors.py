@@ -112,6 +112,11 @@ class AmqpUnreachable(OutconnError, Unavailable):
     """The broker did not accept a connection (or kept breaking it) within the retry budget."""
 
 
+class AmqpAccessRefused(OutconnError):
+    """The broker refused the credentials or the virtual host (ACCESS_REFUSED, NOT_ALLOWED):
+    not retried, since only a change of definition or of the broker's users can help."""
+
+
 class PoolExhausted(OutconnError, Unavailable):
     """Every connection of the pool stayed checked out for ``acquire_timeout_s``."""
 

@@ -70,3 +70,10 @@ class Keys:
     def worker_deaths(self) -> str:
         """Sorted set of workers that died without being asked to (``host:pid``, score: when)."""
         return f"{self.prefix}worker:deaths"
+
+    # -- AMQP channels ---------------------------------------------------------------------
+
+    def amqp_deliveries(self, channel: str, message_key: str) -> str:
+        """Hash counting the deliveries of one redelivered message of a channel; its owner
+        is ``esb.outgoing.amqp.deliveries``, and it expires a minute after the message settled."""
+        return f"{self.prefix}amqp:deliveries:{channel}:{message_key}"

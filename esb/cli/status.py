@@ -90,10 +90,13 @@ def render_text(status: dict[str, Any]) -> str:
             + (f", last error: {pool['last_error']}" if pool["last_error"] else "")
         )
     for channel in (status.get("channels") or {}).get("amqp", []):
+        kept = channel.get("dead_letter_problem") or channel.get("delay_problem")
         lines.append(
-            f"{mark(channel['consumers_up'] > 0)}channel.amqp {channel['name']} ({channel['queue']}): "
+            f"{mark(channel['consumers_up'] > 0 and not kept)}channel.amqp {channel['name']} "
+            f"({channel['queue']}): "
             f"{channel['consumers_up']} consumers, handled {channel['handled']}, failed {channel['failed']}, "
             f"dead-lettered {channel['dead_lettered']}, last message {_utc(channel['last_message_at'])}"
+            + (f", last error: {channel['last_error']}" if channel.get("last_error") else "")
         )
     return "\n".join(lines)
 

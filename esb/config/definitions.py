@@ -393,6 +393,13 @@ def _check_amqp_outconn(obj: AmqpOutconnDef, file: str, where: str) -> None:
     _need(obj.heartbeat_s >= 0, file, f"{where}.heartbeat_s", "must not be negative (0 turns heartbeats off)")
     _need(obj.retry_budget_s >= 0, file, f"{where}.retry_budget_s", "must not be negative")
     _need(obj.delivery_mode in (1, 2), file, f"{where}.delivery_mode", "must be 1 (transient) or 2 (durable)")
+    _need(
+        obj.confirms or not obj.mandatory,
+        file,
+        f"{where}.mandatory",
+        "needs confirms = true: without publisher confirms a message the broker returns "
+        "unroutable cannot be told from one it took",
+    )
     if obj.priority is not None:
         _need(0 <= obj.priority <= 255, file, f"{where}.priority", "must be 0 to 255")
 

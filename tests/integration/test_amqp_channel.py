@@ -29,13 +29,16 @@ from tests.integration.amqp_support import (
     publish,
     queue_depth,
 )
+from tests.integration.conftest import delete_queues
 
 DEPLOYABLES = Path(__file__).parent / "deployables"
 
 
-def deploy_channel(server: Server, tmp_path: Path, channel: dict[str, Any]) -> None:
-    lines = ["[[channel.amqp]]", 'service = "amqpt.record"', f'url = "{AMQP_URL}"']
-    lines += [f"{key} = {json.dumps(value)}" for key, value in channel.items()]
+def deploy_channel(server: Server, tmp_path: Path, *channels: dict[str, Any]) -> None:
+    lines = []
+    for channel in channels:
+        lines += ["[[channel.amqp]]", 'service = "amqpt.record"', f'url = "{AMQP_URL}"']
+        lines += [f"{key} = {json.dumps(value)}" for key, value in channel.items()]
     unit = tmp_path / "amqpchannels.toml"
     unit.write_text("\n".join(lines) + "\n")
     for path in (DEPLOYABLES / "amqptest.py", unit):
@@ -236,3 +239,132 @@ def test_acks_never_cover_a_message_still_running(
                message="the slow message delivered again")
     seen = counts(records, amqp_queue)
     assert all(seen[i] == 1 for i in range(1, total)), seen
+
+
+def delay_queue(queue: str) -> str:
+    return f"{queue}.esb-delay"
+
+
+def dead_letter_exchange(broker: amqp.Channel, exchange: str, queue: str | None) -> None:
+    """A fanout exchange, with QUEUE bound to it unless None."""
+    broker.exchange_declare(exchange, "fanout", durable=False, auto_delete=False)
+    if queue is not None:
+        broker.queue_declare(queue, durable=False, auto_delete=False)
+        broker.queue_bind(queue, exchange)
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_a_message_that_kills_its_worker_is_dead_lettered_after_max_deliveries(
+    esb_server: Any, tmp_path: Path, cluster: str, amqp_broker: amqp.Channel, queue_type: str,
+    records: redis.Redis
+) -> None:
+    """A service that ends its worker (os._exit) never gets to fail: esb counts each
+    delivery before the service runs, so the message reaches the dead letters after
+    max_deliveries deliveries, costing at most that many workers, and the good messages
+    behind it are handled. A quorum queue's own count header does not hide the message."""
+    amqp_queue = f"esbt-{uuid.uuid4().hex[:12]}-{queue_type}"
+    dlx, dlq = "esbt-dlx-" + uuid.uuid4().hex[:8], amqp_queue + "-dead"
+    dead_letter_exchange(amqp_broker, dlx, dlq)
+    try:
+        server = esb_server(workers=1)
+        name = f"c-{amqp_queue}"
+        deploy_channel(server, tmp_path, {"name": name, "queue": amqp_queue, "max_deliveries": 3,
+                                          "retry_delay_s": 0.5, "dead_letter_exchange": dlx,
+                                          "declare": queue_type})
+        wait_until(lambda: consumers(amqp_broker, amqp_queue) == 1, timeout_s=60, message="consumer up")
+        publish(amqp_broker, amqp_queue, [{"i": 0, "exit": True}] + [{"i": i} for i in range(1, 21)])
+        wait_until(lambda: queue_depth(amqp_broker, dlq) == 1, timeout_s=90,
+                   message="the poison message dead-lettered")
+        deaths = records.zcard(f"esb:{cluster}:worker:deaths")
+        assert 1 <= deaths <= 3, deaths
+        assert counts(records, amqp_queue)[0] <= 3, counts(records, amqp_queue)
+        wait_until(lambda: set(counts(records, amqp_queue)) == set(range(21)), timeout_s=60,
+                   message="every good message handled")
+        [dead] = drain(amqp_broker, dlq)
+        assert json.loads(dead.body) == {"i": 0, "exit": True}
+        headers = dead.properties["application_headers"]
+        assert headers["x-esb-deliveries"] == 3, headers
+        assert "worker" in headers["x-esb-error"] and "died" in headers["x-esb-error"], headers
+        wait_until(lambda: queue_depth(amqp_broker, amqp_queue) == 0, message="the queue drained")
+        assert records.zcard(f"esb:{cluster}:worker:deaths") == deaths
+        row = wait_until(lambda: (r := channel_row(server, name))["dead_lettered"] == 1 and r,
+                         message="status counts the dead letter")
+        assert row["consumers_up"] == 1, row
+    finally:
+        records.delete(f"amqpt:{amqp_queue}", f"amqpt:{amqp_queue}:by")
+        delete_queues(amqp_broker, amqp_queue, delay_queue(amqp_queue), dlq)
+        amqp_broker.exchange_delete(dlx)
+
+
+def test_a_republish_the_broker_cannot_route_keeps_the_message_and_status_names_the_channel(
+    esb_server: Any, tmp_path: Path, amqp_broker: amqp.Channel, amqp_queue: str, records: redis.Redis
+) -> None:
+    """Three channels whose failing message cannot be republished as configured: the delay
+    queue was deleted (esb declares it again), the dead-letter exchange has no queue bound,
+    the dead-letter exchange does not exist. No message is lost: each ends in a queue, and
+    until it can, status names the channel and fails."""
+    redelay, unbound, missing = (f"{amqp_queue}-{case}" for case in ("redelay", "unbound", "missing"))
+    dlx = {case: f"esbt-dlx-{uuid.uuid4().hex[:8]}" for case in (redelay, unbound, missing)}
+    dlq = {case: case + "-dead" for case in (redelay, unbound, missing)}
+    for queue in (redelay, unbound, missing):
+        amqp_broker.queue_declare(queue, durable=True, auto_delete=False)
+    dead_letter_exchange(amqp_broker, dlx[redelay], dlq[redelay])
+    dead_letter_exchange(amqp_broker, dlx[unbound], None)
+    try:
+        server = esb_server(workers=1)
+        deploy_channel(
+            server, tmp_path,
+            {"name": f"c-{redelay}", "queue": redelay, "max_deliveries": 2, "retry_delay_s": 0.5,
+             "dead_letter_exchange": dlx[redelay]},
+            *({"name": f"c-{queue}", "queue": queue, "max_deliveries": 1, "retry_delay_s": 0.5,
+               "dead_letter_exchange": dlx[queue]} for queue in (unbound, missing)),
+        )
+        for queue in (redelay, unbound, missing):
+            wait_until(lambda q=queue: consumers(amqp_broker, q) == 1, timeout_s=60,
+                       message=f"consumer of {queue}")
+        # A dead-letter exchange that does not exist fails status before a message needs it.
+        wait_until(lambda: any(f"c-{missing}" in p and dlx[missing] in p
+                               for p in server.status()["problems"]), timeout_s=30,
+                   message="status names the channel whose dead-letter exchange is missing")
+        amqp_broker.queue_delete(delay_queue(redelay))
+        for queue in (redelay, unbound, missing):
+            publish(amqp_broker, queue, [{"i": 0, "fail": True}])
+
+        # The delay queue is declared again: the message comes back and is dead-lettered.
+        wait_until(lambda: queue_depth(amqp_broker, dlq[redelay]) == 1, timeout_s=30,
+                   message="the message of the deleted delay queue dead-lettered after its retry")
+        assert counts(records, redelay) == {0: 2}
+        row = channel_row(server, f"c-{redelay}")
+        assert delay_queue(redelay) in (row["last_error"] or ""), row
+
+        # The dead-letter exchanges cannot take the copy: the message is kept, status fails.
+        def problems() -> list[str]:
+            return [p for p in server.status()["problems"] if f"c-{unbound}" in p or f"c-{missing}" in p]
+
+        wait_until(lambda: len(problems()) == 2, timeout_s=30,
+                   message="status names both channels whose dead-letter exchange fails")
+        text = esb("status", str(server.directory))
+        assert text.returncode != 0, text.stdout
+        for queue in (unbound, missing):
+            assert f"channel.amqp c-{queue}" in text.stdout, text.stdout
+            assert channel_row(server, f"c-{queue}")["dead_lettered"] == 0
+        assert dlx[missing] in "".join(problems()) and dlx[unbound] in "".join(problems()), problems()
+
+        # Once the exchanges route, the kept messages arrive and status is healthy again.
+        dead_letter_exchange(amqp_broker, dlx[unbound], dlq[unbound])
+        dead_letter_exchange(amqp_broker, dlx[missing], dlq[missing])
+        for queue in (unbound, missing):
+            wait_until(lambda q=queue: queue_depth(amqp_broker, dlq[q]) == 1, timeout_s=30,
+                       message=f"the kept message of {queue} dead-lettered")
+            [dead] = drain(amqp_broker, dlq[queue])
+            assert json.loads(dead.body) == {"i": 0, "fail": True}
+            assert "always fails" in dead.properties["application_headers"]["x-esb-error"]
+            assert counts(records, queue) == {0: 1}
+        wait_until(lambda: not problems(), timeout_s=30, message="status clears both problems")
+        assert all(queue_depth(amqp_broker, q) == 0 for q in (redelay, unbound, missing))
+    finally:
+        for case in (redelay, unbound, missing):
+            amqp_broker.exchange_delete(dlx[case])
+            records.delete(f"amqpt:{case}", f"amqpt:{case}:by")
+        delete_queues(amqp_broker, *(q for case in (redelay, unbound, missing)
+                                     for q in (case, delay_queue(case), dlq[case])))

@@ -18,7 +18,7 @@ from typing import Any
 import amqp
 import pytest
 
-from tests.helpers import Server, esb, wait_until
+from tests.helpers import Server, esb, free_port, wait_until
 from tests.integration.amqp_support import (
     AMQP_URL,
     broker_stopped,
@@ -33,14 +33,16 @@ from tests.integration.amqp_support import (
 DEPLOYABLES = Path(__file__).parent / "deployables"
 
 
-def deploy(server: Server, tmp_path: Path, outconn: dict[str, Any]) -> None:
-    """The test services, two HTTP channels and one [[outconn.amqp]] from OUTCONN."""
+def deploy(server: Server, tmp_path: Path, *outconns: dict[str, Any]) -> None:
+    """The test services, two HTTP channels and an [[outconn.amqp]] for each of OUTCONNS."""
     def toml(value: Any) -> str:
         if isinstance(value, dict):
             return "{ " + ", ".join(f"{json.dumps(k)} = {toml(v)}" for k, v in value.items()) + " }"
         return json.dumps(value)
 
-    lines = ["[[outconn.amqp]]", *(f"{key} = {toml(value)}" for key, value in outconn.items())]
+    lines = []
+    for outconn in outconns:
+        lines += ["[[outconn.amqp]]", *(f"{key} = {toml(value)}" for key, value in outconn.items())]
     lines += [
         "",
         "[[channel.http]]",
@@ -364,3 +366,39 @@ def test_an_idle_pooled_connection_keeps_its_heartbeats_going(
     assert "message_id" in server.post("/amqpt/send", {"outconn": outconn, "body": {"n": 2}}).json()
     assert connections(f"outconn.amqp {outconn} ") == before
     assert queue_depth(amqp_broker, amqp_queue) == 2
+
+
+def test_a_refused_or_unreachable_outconn_fails_at_once_as_an_amqp_error_and_fails_status(
+    esb_server: Any, tmp_path: Path, amqp_queue: str
+) -> None:
+    """Bad credentials fail the send at once (retrying cannot help), a broker that does not
+    answer fails it once after the retry budget; both are AMQP errors in the log, and
+    status fails naming each outconn. confirms = false with mandatory = true is refused."""
+    refused, down = f"o-{amqp_queue}-refused", f"o-{amqp_queue}-down"
+    server = esb_server(workers=1)
+    deploy(server, tmp_path,
+           {"name": refused, "url": "amqp://guest:not-the-password@127.0.0.1:5672//", "retry_budget_s": 5},
+           {"name": down, "url": f"amqp://guest:guest@127.0.0.1:{free_port()}//", "retry_budget_s": 1})
+    answer = server.post("/amqpt/send", {"outconn": refused, "body": {"n": 1}}).json()
+    assert answer["error"] == "AmqpAccessRefused", answer
+    assert "ACCESS_REFUSED" in answer["message"] and "not-the-password" not in answer["message"], answer
+    answer = server.post("/amqpt/send", {"outconn": down, "body": {"n": 1}}).json()
+    assert answer["error"] == "AmqpUnreachable", answer
+    assert answer["message"].count(f"outconn {down}") == 1, answer  # not wrapped in a second one
+
+    def named() -> list[str]:
+        return [p for p in server.status()["problems"] if refused in p or down in p]
+
+    wait_until(lambda: len(named()) == 2, message="status names both outconns")
+    assert "ACCESS_REFUSED" in " ".join(named()), named()
+    assert esb("status", str(server.directory)).returncode != 0
+    log = server.log()
+    assert f"AMQP broker unreachable: outconn.amqp {down}" in log, server.log_tail()
+    assert "Redis unreachable: outconn.amqp" not in log, server.log_tail()
+
+    unit = tmp_path / "unconfirmed.toml"
+    unit.write_text(f'[[outconn.amqp]]\nname = "u-{amqp_queue}"\nurl = "{AMQP_URL}"\n'
+                    "confirms = false\nmandatory = true\n")
+    done = server.deploy(unit)
+    assert done.returncode != 0, done.stdout
+    assert "outconn.amqp[0].mandatory" in done.stdout + done.stderr, done.stdout + done.stderr

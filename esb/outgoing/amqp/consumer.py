@@ -7,11 +7,15 @@ consumer sleeps until the broker sends something or a message's ack is due, whic
 comes first.
 
 A message is acknowledged after its service returned. A failing service's message is
-published again, confirmed, to a delay queue whose messages expire back into the channel's
-queue after ``retry_delay_s`` (no hot requeue loop), and only then acknowledged; after
-``max_deliveries`` it is published to the dead-letter exchange with the error in the
-``x-esb-error`` header instead. A broken connection is reopened with backoff for as long
-as the worker lives; a message whose ack died with its channel is delivered again.
+published again, confirmed and ``mandatory``, to a delay queue whose messages expire back
+into the channel's queue after ``retry_delay_s`` (no hot requeue loop), and only then
+acknowledged; after ``max_deliveries`` it is published to the dead-letter exchange with the
+error in the ``x-esb-error`` header instead. Deliveries whose service never returned (its
+worker died) count too (``esb.outgoing.amqp.deliveries``). A copy the broker does not
+route or take leaves the message unacknowledged: held, then requeued, and status names the
+channel until a copy goes through; a missing delay queue is declared again. A broken
+connection is reopened with backoff for as long as the worker lives; a message whose ack
+died with its channel is delivered again.
 """
 
 from __future__ import annotations
@@ -30,15 +34,17 @@ import gevent
 import kombu
 from gevent.event import Event
 from gevent.pool import Pool
+from redis.exceptions import RedisError
 
 from esb.bus.client import original_poll
 from esb.config.definitions import AmqpChannelDef, AmqpOutconnDef
 from esb.config.secrets import masked_url
-from esb.errors import OutconnError
+from esb.errors import OutconnError, Unroutable
 from esb.observe import metrics
 from esb.observe.context import cid_or_new
 from esb.observe.retry import Retrying, RetryPolicy
-from esb.outgoing.amqp.link import LINK_ERRORS
+from esb.outgoing.amqp.deliveries import RUNS, DeliveryCounts, message_key
+from esb.outgoing.amqp.link import BROKER, LINK_ERRORS
 from esb.outgoing.amqp.pool import AmqpOutconn
 from esb.service import AmqpInfo, ServiceRuntime
 
@@ -49,6 +55,14 @@ RECONSUME = RetryPolicy(interval_start_s=0.2, interval_step_s=1.0, interval_max_
 DELIVERIES_HEADER = "x-esb-deliveries"
 ERROR_HEADER = "x-esb-error"
 READ_S = 0.05  # at most this long between a consumer's heartbeat checks and stop checks
+# A message esb puts back in its queue itself waits at least this long first (retry_delay_s
+# may be 0): never a hot loop between a consumer and a broker that refuses its copies.
+HOLD_MIN_S = 1.0
+# A worker's republish problem stays in status this long after its last failure beyond
+# the hold between two tries of a kept message (another worker may have taken it over).
+PROBLEM_GRACE_S = 10.0
+# How often a consumer looks whether the dead-letter exchange exists.
+EXCHANGE_CHECK_S = 30.0
 
 _os_poll = original_poll()
 
@@ -58,7 +72,17 @@ def delay_queue(queue: str) -> str:
 
 
 class ChannelStats:
-    __slots__ = ("consumers_up", "handled", "failed", "dead_lettered", "last_message_at", "last_error")
+    __slots__ = (
+        "consumers_up",
+        "handled",
+        "failed",
+        "dead_lettered",
+        "last_message_at",
+        "last_error",
+        "delay_problem",
+        "dead_letter_problem",
+        "dead_letter_exchange_missing",
+    )
 
     def __init__(self) -> None:
         self.consumers_up = 0
@@ -67,6 +91,12 @@ class ChannelStats:
         self.dead_lettered = 0
         self.last_message_at: float | None = None
         self.last_error: str | None = None
+        # Why the last copy to the delay queue / dead-letter exchange failed, and when
+        # (time.monotonic()); None once one went through.
+        self.delay_problem: tuple[str, float] | None = None
+        self.dead_letter_problem: tuple[str, float] | None = None
+        # Set while the consumer's last look found no dead-letter exchange.
+        self.dead_letter_exchange_missing: str | None = None
 
 
 class AmqpChannel:
@@ -78,9 +108,14 @@ class AmqpChannel:
         self.url = url
         self.runtime = runtime
         self.stats = ChannelStats()
-        # Republishing for delays and dead letters: confirmed, through a pool of its own.
+        self.counts = DeliveryCounts(runtime.redis, runtime.keys, definition.name)
+        self.hold_s = max(definition.retry_delay_s, HOLD_MIN_S)
+        # Republishing for delays and dead letters: confirmed and mandatory (a copy no
+        # queue takes is an error, not a silent loss), through a pool of its own.
         self.publisher = AmqpOutconn(
-            AmqpOutconnDef(name=f"channel.amqp {definition.name}", url=url, pool_size=2, heartbeat_s=30.0)
+            AmqpOutconnDef(
+                name=f"channel.amqp {definition.name}", url=url, pool_size=2, heartbeat_s=30.0, mandatory=True
+            )
         )
         self._stopping = False
         self._consumers: list[gevent.Greenlet] = []
@@ -103,7 +138,10 @@ class AmqpChannel:
 
     def _consume_forever(self, number: int) -> None:
         retrying = Retrying(
-            logger, f"channel.amqp {self.name}: consumer {number} on {masked_url(self.url)}", RECONSUME
+            logger,
+            f"channel.amqp {self.name}: consumer {number} on {masked_url(self.url)}",
+            RECONSUME,
+            service=BROKER,
         )
         while not self._stopping:
             try:
@@ -146,8 +184,12 @@ class AmqpChannel:
             up = True
             retrying.succeeded()
             turn = _Turn(conn.connection, channel, acks, held)
+            next_check = 0.0
             while not self._stopping:
                 turn()
+                if time.monotonic() >= next_check:
+                    self._check_dead_letter_exchange(conn.connection)
+                    next_check = time.monotonic() + EXCHANGE_CHECK_S
             # Graceful stop: no new messages; the held ones finish and are acknowledged.
             channel.basic_cancel(consumer_tag)
             deadline = time.monotonic() + 30
@@ -174,26 +216,104 @@ class AmqpChannel:
         else:
             # A queue that does not exist fails here, before the delay queue is made for it.
             channel.queue_declare(d.queue, passive=True)
-        # Expired messages of the delay queue go back to the channel's own queue.
+        self._declare_delay_queue(channel)
+
+    def _check_dead_letter_exchange(self, connection: amqp.Connection) -> None:
+        """Whether the dead-letter exchange exists, known before a message needs it: a
+        passive declare on a channel of its own, since the broker closes the channel that
+        asked for an exchange it does not have."""
+        exchange = self.definition.dead_letter_exchange
+        if exchange is None:
+            return
+        probe = connection.channel()
+        try:
+            probe.exchange_declare(exchange, "direct", passive=True)
+        except amqp.exceptions.NotFound as exc:
+            missing = f"dead_letter_exchange {exchange!r} does not exist ({exc.reply_text})"
+        else:
+            missing = None
+        finally:
+            probe.close()  # py-amqp opened it again after the broker closed it
+        self.stats.dead_letter_exchange_missing = missing
+
+    def _declare_delay_queue(self, channel: amqp.Channel) -> None:
+        """Expired messages of the delay queue go back to the channel's own queue."""
         channel.queue_declare(
-            delay_queue(d.queue),
+            delay_queue(self.definition.queue),
             durable=True,
             auto_delete=False,
-            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": d.queue},
+            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.definition.queue},
         )
 
     # -- one message ------------------------------------------------------------------------
 
     def _run(self, message: amqp.Message, acks: _Acks) -> None:
-        """Run the service; afterwards the message is acknowledged, or stays unacknowledged
-        (requeued after ``retry_delay_s``) when its delayed copy could not be published."""
+        """Count the delivery, run the service, and acknowledge the message; or keep it
+        (requeued after a hold) when a copy for its retry or its dead letter did not go
+        through, or its deliveries cannot be counted."""
         d = self.definition
         tag = message.delivery_info["delivery_tag"]
         props = dict(message.properties)
         headers = dict(props.pop("application_headers", None) or {})
-        deliveries = int(headers.get(DELIVERIES_HEADER, 0) or 0) + 1
+        prior = int(headers.get(DELIVERIES_HEADER, 0) or 0)
         cid = cid_or_new(props.get("correlation_id"))  # checked as an HTTP X-ESB-CID is
         self.stats.last_message_at = time.time()
+        redelivered = bool(message.delivery_info.get("redelivered"))
+        error = None
+        # A redelivered message is counted and run with nothing else running in this worker.
+        with RUNS.alone() if redelivered else RUNS.usual():
+            counted = self._count(message, prior) if redelivered else (0, None)
+            if counted is not None:
+                # The first delivery, never counted in Redis, ran too.
+                deliveries, kept_for = prior + 1 + counted[0], counted[1]
+                if deliveries <= d.max_deliveries:
+                    error = self._run_service(message, props, headers, deliveries, cid)
+        if counted is None:
+            gevent.sleep(self.hold_s)  # not run uncounted: back to its queue after a hold
+            acks.put(tag, True)
+            return
+        if deliveries > d.max_deliveries:
+            # Back after its last allowed run: esb kept it, or its worker died running it.
+            error = kept_for or (
+                f"run {deliveries - 1} times without an outcome: its worker died (or lost the "
+                "broker) while the service ran it"
+            )
+            problem = self._dead_letter(message, headers, deliveries - 1, error, cid)
+        elif error is None:
+            problem = None
+        elif deliveries >= d.max_deliveries:
+            problem = self._dead_letter(message, headers, deliveries, error, cid)
+        else:
+            problem = self._delay(message, headers, deliveries, error)
+        if problem is not None:
+            self._keep(message, prior, tag, acks, problem, error)
+            return
+        acks.put(tag, False)
+        if redelivered:
+            try:
+                self.counts.settled(message_key(message, prior))
+            except RedisError:
+                pass  # the counter expires by itself, PENDING_TTL_S after its last count
+
+    def _count(self, message: amqp.Message, prior: int) -> tuple[int, str | None] | None:
+        """One more delivery of a redelivered message: the deliveries counted so far and
+        what failed when esb last kept it, if it did; None when Redis does not answer."""
+        try:
+            return self.counts.redelivered(message_key(message, prior))
+        except RedisError as exc:
+            self.stats.last_error = f"a redelivered message not counted: Redis: {exc}"[:300]
+            return None
+
+    def _run_service(
+        self,
+        message: amqp.Message,
+        props: dict[str, Any],
+        headers: dict[str, Any],
+        deliveries: int,
+        cid: str,
+    ) -> str | None:
+        """Run the service; answer None when it returned, else its error."""
+        d = self.definition
         info = AmqpInfo(
             channel=d.name,
             queue=d.queue,
@@ -210,57 +330,86 @@ class AmqpChannel:
         except Exception as exc:
             self.stats.failed += 1
             metrics.amqp_messages["channel.amqp", d.name, "failed"] += 1
-            error = f"{type(exc).__name__}: {exc}"[:500]
-            if not self._retry_or_dead_letter(message, headers, deliveries, error, cid):
-                # The broker would not take the delayed copy: after the delay here, the
-                # message itself goes back to its queue (requeued, never in a hot loop).
-                gevent.sleep(d.retry_delay_s)
-                acks.put(tag, True)
-                return
-        else:
-            self.stats.handled += 1
-            metrics.amqp_messages["channel.amqp", d.name, "handled"] += 1
-        acks.put(tag, False)
+            return f"{type(exc).__name__}: {exc}"[:500]
+        self.stats.handled += 1
+        metrics.amqp_messages["channel.amqp", d.name, "handled"] += 1
+        return None
 
-    def _retry_or_dead_letter(
-        self, message: amqp.Message, headers: Mapping[str, Any], deliveries: int, error: str, cid: str
-    ) -> bool:
-        d = self.definition
+    def _keep(
+        self, message: amqp.Message, prior: int, tag: int, acks: _Acks, problem: str, error: str
+    ) -> None:
+        """Put the message back in its queue after a hold, because of PROBLEM; its count
+        keeps ERROR, for the dead letter it may become."""
+        self.stats.last_error = problem[:300]
+        try:
+            self.counts.kept(message_key(message, prior), error)
+        except RedisError:
+            pass  # its next delivery is counted all the same, without this error
+        gevent.sleep(self.hold_s)
+        acks.put(tag, True)
+
+    def _copy_properties(self, message: amqp.Message) -> tuple[str, dict[str, Any]]:
         props = {k: v for k, v in message.properties.items() if k != "application_headers"}
         props.pop("message_id", None)
-        message_id = message.properties.get("message_id") or os.urandom(16).hex()
+        return message.properties.get("message_id") or os.urandom(16).hex(), props
+
+    def _dead_letter(
+        self, message: amqp.Message, headers: Mapping[str, Any], deliveries: int, error: str, cid: str
+    ) -> str | None:
+        """Publish the message to the dead-letter exchange; answer None once the broker
+        took it (or there is no exchange to take it), else why it could not."""
+        d = self.definition
+        message_id, props = self._copy_properties(message)
+        if d.dead_letter_exchange is None:
+            logger.error(
+                "channel.amqp %s: message %s failed %d times (%s); no dead_letter_exchange, dropped",
+                d.name,
+                message_id,
+                deliveries,
+                error,
+                extra={"cid": cid},
+            )
+            return None
         try:
-            if deliveries >= d.max_deliveries:
-                if d.dead_letter_exchange is None:
-                    logger.error(
-                        "channel.amqp %s: message %s failed %d times (%s); no dead_letter_exchange, dropped",
-                        d.name,
-                        message_id,
-                        deliveries,
-                        error,
-                        extra={"cid": cid},
-                    )
-                    return True
-                self.publisher.send(
-                    message.body,
-                    exchange=d.dead_letter_exchange,
-                    routing_key=d.dead_letter_routing_key or d.queue,
-                    headers={**headers, DELIVERIES_HEADER: deliveries, ERROR_HEADER: error},
-                    message_id=message_id,
-                    **props,
-                )
-                self.stats.dead_lettered += 1
-                metrics.amqp_messages["channel.amqp", d.name, "dead_lettered"] += 1
-                logger.warning(
-                    "channel.amqp %s: message %s dead-lettered after %d deliveries: %s",
-                    d.name,
-                    message_id,
-                    deliveries,
-                    error,
-                    extra={"cid": cid},
-                )
-                return True
-            props["expiration"] = str(int(d.retry_delay_s * 1000))
+            self.publisher.send(
+                message.body,
+                exchange=d.dead_letter_exchange,
+                routing_key=d.dead_letter_routing_key or d.queue,
+                headers={**headers, DELIVERIES_HEADER: deliveries, ERROR_HEADER: error},
+                message_id=message_id,
+                **props,
+            )
+        except (OutconnError, *LINK_ERRORS) as exc:
+            problem = (
+                f"cannot dead-letter to exchange {d.dead_letter_exchange!r} ({exc}); "
+                f"the message stays in queue {d.queue}"
+            )
+            self.stats.dead_letter_problem = (problem, time.monotonic())
+            logger.error("channel.amqp %s: message %s: %s", d.name, message_id, problem, extra={"cid": cid})
+            return problem
+        self.stats.dead_letter_problem = self.stats.dead_letter_exchange_missing = None
+        self.stats.dead_lettered += 1
+        metrics.amqp_messages["channel.amqp", d.name, "dead_lettered"] += 1
+        logger.warning(
+            "channel.amqp %s: message %s dead-lettered after %d deliveries: %s",
+            d.name,
+            message_id,
+            deliveries,
+            error,
+            extra={"cid": cid},
+        )
+        return None
+
+    def _delay(
+        self, message: amqp.Message, headers: Mapping[str, Any], deliveries: int, error: str
+    ) -> str | None:
+        """Publish the message to the delay queue, declared again when the broker finds it
+        missing; answer None once the broker took it, else why it could not."""
+        d = self.definition
+        message_id, props = self._copy_properties(message)
+        props["expiration"] = str(int(d.retry_delay_s * 1000))
+
+        def send() -> None:
             self.publisher.send(
                 message.body,
                 exchange="",
@@ -269,16 +418,33 @@ class AmqpChannel:
                 message_id=message_id,
                 **props,
             )
-            return True
+
+        try:
+            try:
+                send()
+            except Unroutable:
+                with self.publisher.connection() as link:
+                    self._declare_delay_queue(link.channel)
+                self.stats.last_error = f"delay queue {delay_queue(d.queue)} was missing: declared again"
+                logger.warning("channel.amqp %s: %s", d.name, self.stats.last_error)
+                send()
         except (OutconnError, *LINK_ERRORS) as exc:
-            self.stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
-            logger.error(
-                "channel.amqp %s: could not delay message %s (%s); left unacknowledged",
-                d.name,
-                message_id,
-                exc,
+            problem = (
+                f"cannot delay a message through queue {delay_queue(d.queue)} ({exc}); "
+                f"it stays in queue {d.queue}"
             )
-            return False
+            self.stats.delay_problem = (problem, time.monotonic())
+            logger.error("channel.amqp %s: message %s: %s", d.name, message_id, problem)
+            return problem
+        self.stats.delay_problem = None
+        return None
+
+    def _fresh(self, problem: tuple[str, float] | None) -> str | None:
+        """PROBLEM while a kept message still meets it here; a message kept for it is tried
+        again every ``hold_s``."""
+        if problem is None or time.monotonic() - problem[1] > 2 * self.hold_s + PROBLEM_GRACE_S:
+            return None
+        return problem[0]
 
     def facts(self) -> dict[str, Any]:
         s = self.stats
@@ -293,6 +459,8 @@ class AmqpChannel:
             "dead_lettered": s.dead_lettered,
             "last_message_at": s.last_message_at,
             "last_error": s.last_error,
+            "delay_problem": self._fresh(s.delay_problem),
+            "dead_letter_problem": self._fresh(s.dead_letter_problem) or s.dead_letter_exchange_missing,
         }
 
 

@@ -26,6 +26,11 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, amqp.exceptions.C
 # The broker closed the channel (no such exchange, a bad property): the link is dropped too.
 CHANNEL_ERRORS: tuple[type[BaseException], ...] = (amqp.exceptions.ChannelError,)
 LINK_ERRORS = CONNECTION_ERRORS + CHANNEL_ERRORS + (AMQPError,)
+# The broker refused the credentials (ACCESS_REFUSED) or the virtual host (NOT_ALLOWED):
+# connecting again cannot help until the definition or the broker's users change.
+REFUSALS: tuple[type[BaseException], ...] = (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed)
+#: What a retry loop names when the broker goes away: "AMQP broker unreachable: ...".
+BROKER = "AMQP broker"
 
 CONNECT_TIMEOUT_S = 5.0
 # A polite Close waits for the broker's CloseOk, which py-amqp waits for without a limit.

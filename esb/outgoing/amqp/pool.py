@@ -23,6 +23,7 @@ from gevent.lock import BoundedSemaphore
 from esb.config.definitions import AmqpOutconnDef
 from esb.config.secrets import masked_url
 from esb.errors import (
+    AmqpAccessRefused,
     AmqpUnreachable,
     ConfirmTimeout,
     OutconnError,
@@ -36,9 +37,11 @@ from esb.observe import metrics
 from esb.observe.context import current_cid
 from esb.observe.retry import Retrying, RetryPolicy
 from esb.outgoing.amqp.link import (
+    BROKER,
     CHANNEL_ERRORS,
     CONNECTION_ERRORS,
     NACKED,
+    REFUSALS,
     RETURNED,
     Link,
     NoConfirm,
@@ -202,12 +205,19 @@ class AmqpOutconn:
         return delay_s
 
     def _connect(self) -> Link:
-        """A new connection, retried with backoff for ``retry_budget_s``."""
-        retrying = Retrying(logger, f"outconn.amqp {self.name}: connecting to {self.url}", RECONNECT)
+        """A new connection, retried with backoff for ``retry_budget_s``; a refusal of the
+        credentials or the virtual host raises AmqpAccessRefused at once."""
+        retrying = Retrying(
+            logger, f"outconn.amqp {self.name}: connecting to {self.url}", RECONNECT, service=BROKER
+        )
         deadline = time.monotonic() + self.definition.retry_budget_s
         while True:
             try:
                 link = Link(self.definition)
+            except REFUSALS as exc:
+                self.stats.reachable = False
+                self.stats.error(f"{type(exc).__name__}: {exc}")
+                raise AmqpAccessRefused(self.name, f"{self.url}: the broker refused access: {exc}") from exc
             except Exception as exc:
                 gevent.sleep(self._failed_within_budget(exc, retrying, deadline, "unreachable"))
                 continue
@@ -290,17 +300,17 @@ class AmqpOutconn:
     ) -> str:
         """Publish BODY and return its message_id once the broker confirmed it.
 
-        A broken or refused connection is retried with backoff for ``retry_budget_s``
-        (the message keeps its message_id, so a retry after a lost confirm can be told
-        apart). Raises AmqpUnreachable, PoolExhausted, PublishNacked, ConfirmTimeout,
-        Unroutable (``mandatory``) or PublishersBlocked.
+        A broken connection is retried with backoff for ``retry_budget_s`` (the message
+        keeps its message_id, so a retry after a lost confirm can be told apart). Raises
+        AmqpUnreachable, AmqpAccessRefused (at once), PoolExhausted, PublishNacked,
+        ConfirmTimeout, Unroutable (``mandatory``) or PublishersBlocked.
         """
         message = self._message(body, headers, properties)
         message_id = message.properties["message_id"]
         exchange = self.definition.exchange if exchange is None else exchange
         routing_key = self.definition.routing_key if routing_key is None else routing_key
         outcome: list[str | None] = []
-        retrying = Retrying(logger, f"outconn.amqp {self.name}: send", RECONNECT)
+        retrying = Retrying(logger, f"outconn.amqp {self.name}: send", RECONNECT, service=BROKER)
         deadline = time.monotonic() + self.definition.retry_budget_s
         while True:
             outcome.clear()
@@ -312,6 +322,8 @@ class AmqpOutconn:
                         link.wait_pending(0)
                     finally:
                         link.settled = _ignore
+            except AmqpUnreachable:
+                raise  # connecting spent the whole retry budget already
             except CONNECTION_ERRORS as exc:
                 # Broken under the publish: the same message again on a new connection.
                 gevent.sleep(

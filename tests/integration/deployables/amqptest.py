@@ -50,8 +50,8 @@ class SendMany(Service):
 class Record(Service):
     """For AMQP channels: counts each message's "i" in the Redis hash amqpt:<queue> and, in
     the same transaction, appends "<i> <worker pid>" to the list amqpt:<queue>:by (which
-    worker handled each delivery, in order); raises for a message with "fail" (after
-    counting it, so every delivery shows)."""
+    worker handled each delivery, in order); raises for a message with "fail" and ends
+    its worker at once for one with "exit" (after counting it, so every delivery shows)."""
 
     name = "amqpt.record"
 
@@ -68,5 +68,7 @@ class Record(Service):
         pipe.execute()
         if body.get("sleep_s"):
             gevent.sleep(body["sleep_s"])
+        if body.get("exit"):
+            os._exit(1)
         if body.get("fail"):
             raise RuntimeError(f"message {body['i']} always fails")
