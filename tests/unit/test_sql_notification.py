@@ -252,3 +252,47 @@ def test_a_run_overtaken_by_a_later_claim_commits_nothing(tmp_path):
     assert store.count_failure("n", "next") == 1
     assert store.dead_letters("n") == []
     engine.dispose()
+
+
+def test_a_reset_supersedes_the_running_run_and_a_null_is_never_stored(tmp_path):
+    """The operator's reset and a run's rebase, on an ODB made before watermarks carried
+    their definition (the column is added); advancing to a NULL is refused."""
+    import pytest
+    from sqlalchemy import create_engine, text
+
+    from esb.errors import WatermarkProblem
+    from esb.notification.store import NotificationStore, Superseded
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'odb.db'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE esb_notification_state (name VARCHAR(255) PRIMARY KEY, "
+                          "watermark TEXT, paused BOOLEAN, attempts INTEGER, updated_at DATETIME, "
+                          "run_id VARCHAR(32))"))
+    store = NotificationStore(engine)
+    assert store.claim("n", "r1").watermark_of is None
+    store.advance("n", [1, 2], "r1")
+    with pytest.raises(WatermarkProblem):
+        store.advance("n", [None, 3], "r1")
+    store.rebase("n", "r1", "id-a", reset=False)
+    assert store.state("n").watermark == [1, 2] and store.state("n").watermark_of == "id-a"
+    before = store.reset("n", "id-b", [5, 6])
+    assert before.watermark == [1, 2] and before.watermark_of == "id-a"
+    assert store.state("n").watermark == [5, 6] and store.state("n").watermark_of == "id-b"
+    with pytest.raises(Superseded):  # the run in progress commits nothing more
+        store.advance("n", [7, 8], "r1")
+    store.claim("n", "r2")
+    store.rebase("n", "r2", "id-c", reset=True)
+    assert store.state("n").watermark is None and store.state("n").watermark_of == "id-c"
+    assert store.reset("m", "id-m", None).watermark is None  # a name without a row yet
+    engine.dispose()
+
+
+def test_a_reset_value_must_match_the_watermark_columns():
+    from esb.cli.notifications import _watermark_value
+
+    assert _watermark_value('["2030-01-01T00:00:00", 4]', ("updated_at", "id")) == (
+        None, ["2030-01-01T00:00:00", 4])
+    assert _watermark_value("7", ("id",)) == (None, [7])
+    assert "needs 2 values" in _watermark_value("[1]", ("updated_at", "id"))[0]
+    assert "not JSON" in _watermark_value("[1,", ("id",))[0]
+    assert "NULL" in _watermark_value("[null]", ("id",))[0]
