@@ -928,6 +928,28 @@ def test_the_same_name_over_a_new_query_is_refused_at_deploy_or_reset_by_choice(
     assert done.returncode != 0 and "2 values" in done.stderr, done.stderr
     assert esb("notifications", directory, "reset", "no-such-notification").returncode != 0
     assert feed_status_ok(server, name)
+    # A stored watermark that is not the running definition's (as a deploy refuses it, a
+    # run meets it only when the ODB was changed under it): without on_change the run
+    # fails saying so, and the operator's reset ends it.
+    old.deploy(server, [over_new], with_module=False)
+    wait_until(lambda: workers_on_the_odbs_generation(server), 30, message="workers on the new generation")
+    odb = create_engine(load_server_config(server.directory).odb_url)
+    with odb.begin() as conn:
+        conn.execute(text("UPDATE esb_notification_state SET watermark_of = :other WHERE name = :name"),
+                     {"other": json.dumps({"columns": ["updated_at"], "query": "0"}), "name": name})
+    odb.dispose()
+    wait_until(failing_with(server, name, "not this definition's", f"reset {name}"), 30,
+               message="the run refusing another definition's watermark")
+    done = esb("notifications", directory, "reset", name)
+    assert done.returncode == 0 and "from the first" in done.stdout, done.stdout
+    wait_until(lambda: len(old.delivered()) == 13, 30, message="every row again after the reset")
+    wait_until(lambda: old.status(server)["consecutive_failures"] == 0, 30, message="recovered")
+
+
+def workers_on_the_odbs_generation(server: Server) -> bool:
+    status = server.status()
+    live = [w for w in status["workers"] if w["alive"]]
+    return bool(live) and all(w["generation"] == status["deploy"]["generation"] for w in live)
 
 
 def feed_status_ok(server: Server, name: str) -> bool:
