@@ -207,6 +207,11 @@ def _past_head(watermark: list[Any] | None) -> dict[str, Any]:
     return values
 
 
+def _columns_of(engine: Engine, table: str) -> list[dict[str, Any]]:
+    inspector = inspect(engine)
+    return inspector.get_columns(table) if inspector.has_table(table) else []
+
+
 @dataclasses.dataclass(frozen=True)
 class State:
     watermark: list[Any] | None
@@ -277,6 +282,17 @@ class NotificationStore:
     def states(self) -> dict[str, State]:
         try:
             with self._connect() as conn:
+                return {row.name: _state(row) for row in conn.execute(select(notification_state))}
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot read the notifications' state: {exc}") from exc
+
+    def stored_watermarks(self) -> dict[str, State]:
+        """Every notification's state, read without creating or changing a table (for
+        ``esb check-config``): empty when the ODB holds none, or none with an identity."""
+        try:
+            if "watermark_of" not in {c["name"] for c in _columns_of(self.engine, notification_state.name)}:
+                return {}
+            with self.engine.connect() as conn:
                 return {row.name: _state(row) for row in conn.execute(select(notification_state))}
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read the notifications' state: {exc}") from exc

@@ -909,6 +909,12 @@ def test_the_same_name_over_a_new_query_is_refused_at_deploy_or_reset_by_choice(
     said = done.stdout + done.stderr
     assert done.returncode != 0, said
     assert f"notification.sql.{name}" in said and "another query" in said and "on_change" in said, said
+    # check-config says so of a file in config/ (esb start would refuse it alike).
+    config_unit = server.directory / "config" / "sqlnotes.toml"
+    config_unit.write_text(unit_text([{"name": "db", "url": pg_url}], [over_new]))
+    done = esb("check-config", directory)
+    config_unit.unlink()
+    assert done.returncode == 2 and f"notification.sql.{name}.query" in done.stderr, done.stderr
     # Other watermark columns are refused alike.
     done = try_deploy(server, tmp_path, pg_url, [over_new | {"watermark": ["id"]}])
     assert done.returncode != 0 and "watermark columns" in done.stdout + done.stderr, done.stdout
