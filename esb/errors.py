@@ -30,6 +30,12 @@ class DeployError(EsbError):
         super().__init__(f"{where}: {reason}")
 
 
+class WatermarkProblem(EsbError):
+    """A notification's rows cannot be read past its watermark without skipping some (a NULL
+    in a watermark column, more equal values than a page holds, a watermark stored for
+    another query): the run fails with what to do, rather than deliver around them."""
+
+
 class ServiceNotFound(EsbError, LookupError):
     """No service of that name is deployed."""
 

@@ -4,7 +4,9 @@ Beyond the files themselves, each watermarked SQL notification's query is descri
 database (its result's columns, not a row read) to find a watermark column the result
 lacks. A database that cannot be asked (unreachable, a URL naming an unset variable, a
 query it refuses) leaves that check undone with a warning saying why, not a failure:
-the configuration may well be right for the database the server will see.
+the configuration may well be right for the database the server will see. A watermark the
+ODB holds for another query or other columns of the same notification is an error, as it
+is for ``esb start``.
 
 The units the ODB holds (deployed earlier, by hand or by a peer) are checked too, except
 those config/ deploys again at start: each must resolve in this shell's environment,
@@ -51,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         definitions = merge_units(units, environ=None)
         for warning in check_watermark_columns(definitions):
+            print(f"esb: warning: {warning}", file=sys.stderr)
+        for warning in check_stored_watermarks(definitions, config.odb_url):
             print(f"esb: warning: {warning}", file=sys.stderr)
     except ConfigError as exc:
         print(f"esb: {exc}", file=sys.stderr)
@@ -103,6 +107,38 @@ def check_watermark_columns(definitions: Definitions) -> list[str]:
             raise ConfigError(unit, key, f"column(s) {', '.join(missing)} missing from the query's result "
                                          f"(it has {', '.join(columns) or 'no columns'})")
     return warnings
+
+
+def check_stored_watermarks(definitions: Definitions, odb_url: str) -> list[str]:
+    """Raise ConfigError for a notification whose watermark in the ODB was stored for another
+    query or other columns, as ``esb start`` would refuse it; a warning when the ODB
+    cannot be read."""
+    notes = [note for note in definitions.of("notification.sql").values() if note.watermark]
+    if not notes:
+        return []
+    from esb.notification.keyset import deploy_problem
+    from esb.notification.store import NotificationStore
+
+    url = make_url(odb_url)
+    if url.get_backend_name() == "sqlite":
+        if not url.database or not Path(url.database).exists():
+            return []  # no ODB yet (sqlite3 would make an empty file): nothing stored
+        engine = create_engine(url)
+    else:
+        engine = create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    try:
+        states = NotificationStore(engine).stored_watermarks()
+    except OdbUnavailable as exc:
+        return [f"stored watermarks not checked: {exc}"]
+    finally:
+        engine.dispose()
+    for note in notes:
+        state = states.get(note.name)
+        problem = None if state is None else deploy_problem(note, state.watermark_of, state.watermark)
+        if problem is not None:
+            unit = definitions.unit_of[("notification.sql", note.name)]
+            raise ConfigError(unit, f"notification.sql.{note.name}.{problem[0]}", problem[1])
+    return []
 
 
 def _columns(outconn: SqlOutconnDef, note: SqlNotificationDef, unit: str) -> list[str]:

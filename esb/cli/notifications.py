@@ -1,5 +1,6 @@
-"""`esb notifications DIR [--failed] [--json]`, `esb notifications DIR pause|resume|run NAME`
-and `esb notifications DIR failed [NAME] | retry ID | drop ID`.
+"""`esb notifications DIR [--failed] [--json]`, `esb notifications DIR pause|resume|run NAME`,
+`esb notifications DIR failed [NAME] | retry ID | drop ID` and
+`esb notifications DIR reset NAME [--to VALUE]`.
 
 Without an action: every SQL notification with its liveness (the rows of ``esb status``).
 ``failed`` (or ``--failed``): the batches given up on after ``max_attempts`` (the ODB's
@@ -7,11 +8,15 @@ dead letters), which keep ``esb status`` non-zero until each is retried (its not
 next run delivers it once more) or dropped.
 ``pause``/``resume`` set the operator's pause in the ODB (and in the facts status reads);
 a paused notification's firings end at once. ``run`` asks the active scheduler to fire it now.
+``reset`` sets a watermark-mode notification's stored watermark: to VALUE (JSON, one value
+per watermark column), or without ``--to`` back to its first row; the stored watermark then
+belongs to the deployed definition.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -20,11 +25,13 @@ from redis.exceptions import RedisError
 from esb.bus import Keys, make_redis
 from esb.cli.common import BAD_CONFIG, FAILURE, OK, load_or_exit, print_json
 from esb.config import merge_units
+from esb.config.definitions import SqlNotificationDef
 from esb.errors import BusUnavailable, ConfigError, OdbUnavailable
 from esb.notification import job_name
+from esb.notification.keyset import identity
 from esb.notification.runner import notification_key
 from esb.notification.status import dead_letter_problems, notification_rows
-from esb.notification.store import NotificationStore
+from esb.notification.store import NotificationStore, encode_values, shown_values, typed_like
 from esb.odb import UNIT, OdbStore
 from esb.scheduler import request_run
 
@@ -41,8 +48,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "up on; 'retry ID' has the next run deliver one once more, 'drop ID' gives it up.",
     )
     p.add_argument("directory")
-    p.add_argument("action", nargs="?", choices=["pause", "resume", "run", *DEAD_LETTER_ACTIONS])
+    p.add_argument("action", nargs="?", choices=["pause", "resume", "run", "reset", *DEAD_LETTER_ACTIONS])
     p.add_argument("name", nargs="?", help="the notification; for retry and drop the dead letter's id")
+    p.add_argument("--to", metavar="VALUE",
+                   help="reset: the watermark to go on past, as JSON with one value per watermark "
+                        "column (as in '[\"2030-01-01T00:00:00\", 42]'); default: from the first row")
     p.add_argument("--failed", action="store_true", help="list the dead-lettered batches (as 'failed')")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=run)
@@ -67,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"esb notifications: no notification named {args.name!r}", file=sys.stderr)
             return FAILURE
         store = NotificationStore(odb.engine)
+        if args.action == "reset":
+            return reset_watermark(store, client, keys, notes[args.name], args.to)
         if args.action in ("pause", "resume"):
             paused = args.action == "pause"
             store.set_paused(args.name, paused)
@@ -147,6 +159,52 @@ def render_dead_letters(dead: list[dict[str, Any]]) -> str:
         lines.append(f"{item['id']}  {item['name']}  {item['created_at']}  {item['row_count']} rows  "
                      f"{item['attempts']} attempts  {item['state']}  {item['error']}")
     return "\n".join(lines)
+
+
+def reset_watermark(store: NotificationStore, client: Any, keys: Keys, definition: SqlNotificationDef,
+                    to: str | None) -> int:
+    """``reset NAME [--to VALUE]``: the stored watermark set, and what it was, printed. A run in
+    progress commits nothing more; the next run goes on past the new value."""
+    name, columns = definition.name, definition.watermark
+    if not columns:
+        print(f"esb notifications: {name} is in plain mode: it keeps no watermark to reset",
+              file=sys.stderr)
+        return FAILURE
+    values = None
+    if to is not None:
+        problem, values = _watermark_value(to, columns)
+        if problem:
+            print(f"esb notifications: --to {to}: {problem}", file=sys.stderr)
+            return FAILURE
+        values = typed_like(values, store.state(name).watermark)
+    before = store.reset(name, identity(definition), values)
+    encoded = None if values is None else encode_values(values)
+    try:
+        client.hset(notification_key(keys, name), "watermark", encoded or "")
+    except RedisError:
+        pass  # status shows the ODB's value after the next run
+    was = "none" if before.watermark is None else json.dumps(shown_values(before.watermark_text))
+    now = "none" if encoded is None else json.dumps(shown_values(encoded))
+    after = "the rows past it" if values else "every row of its query from the first"
+    print(f"notification {name}: watermark reset from {was} to {now} ({', '.join(columns)}); "
+          f"the next run delivers {after}")
+    return OK
+
+
+def _watermark_value(to: str, columns: tuple[str, ...]) -> tuple[str | None, list[Any]]:
+    """(problem, values) of a --to VALUE for COLUMNS."""
+    try:
+        values = json.loads(to)
+    except ValueError as exc:
+        return f"not JSON ({exc})", []
+    if not isinstance(values, list):
+        values = [values]
+    if len(values) != len(columns):
+        return (f"needs {len(columns)} values, one per watermark column ({', '.join(columns)}); "
+                f"got {len(values)}"), []
+    if any(value is None or isinstance(value, dict | list) for value in values):
+        return "each value must be a string, a number or a boolean (a watermark holds no NULL)", []
+    return None, values
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:

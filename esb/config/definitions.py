@@ -17,6 +17,7 @@ from typing import Any
 
 from esb.config.schedule import schedule_problem, trigger_problem
 from esb.config.secrets import secret_field, url_field, url_problem
+from esb.config.sqltext import wrapping_problem
 from esb.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class SqlNotificationDef:
     after_success: str | None = None  # run per delivered batch with :ids bound
     call_when_empty: bool = False
     max_attempts: int | None = None  # a batch failing this often goes to the dead letters
+    # Watermark mode: what a stored watermark of another query or other columns means.
+    on_change: str = "refuse"
 
     @property
     def mode(self) -> str:
@@ -434,11 +437,16 @@ def _check_sql_outconn(obj: SqlOutconnDef, file: str, where: str) -> None:
 
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Each run claims the notification, checks its hold before each call and records itself in
+# the ODB: more often than this, the ODB would do little else.
+MIN_NOTIFICATION_INTERVAL_S = 0.5
+ON_CHANGE = ("refuse", "reset", "keep")
 
 
 def _check_sql_notification(obj: SqlNotificationDef, file: str, where: str) -> None:
     _check_name(obj, file, where)
-    _need(obj.interval_s > 0, file, f"{where}.interval_s", "must be positive")
+    _need(obj.interval_s >= MIN_NOTIFICATION_INTERVAL_S, file, f"{where}.interval_s",
+          f"must be at least {MIN_NOTIFICATION_INTERVAL_S} seconds")
     _need(obj.max_rows > 0, file, f"{where}.max_rows", "must be positive")
     _need(obj.batch_size > 0, file, f"{where}.batch_size", "must be positive")
     _need(obj.lag_s >= 0, file, f"{where}.lag_s", "must not be negative")
@@ -446,6 +454,11 @@ def _check_sql_notification(obj: SqlNotificationDef, file: str, where: str) -> N
     for column in obj.watermark:
         _need(bool(_IDENTIFIER.match(column)), file, f"{where}.watermark",
               f"{column!r} is not a plain column name of the query's result")
+    _need(len(set(obj.watermark)) == len(obj.watermark), file, f"{where}.watermark", "names a column twice")
+    if obj.watermark:
+        problem = wrapping_problem(obj.query)
+        _need(problem is None, file, f"{where}.query", f"{problem}")
+    _need(obj.on_change in ON_CHANGE, file, f"{where}.on_change", "must be refuse, reset or keep")
     if obj.max_attempts is not None:
         _need(obj.max_attempts >= 1, file, f"{where}.max_attempts", "must be at least 1")
 

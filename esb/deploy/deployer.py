@@ -23,6 +23,8 @@ from redis.exceptions import RedisError
 from esb.bus import Keys
 from esb.config import Definitions, ServerConfig, merge_units, parse_unit
 from esb.errors import ConfigError, DeployError
+from esb.notification.keyset import deploy_problem
+from esb.notification.store import NotificationStore
 from esb.odb import MODULE, UNIT, OdbStore
 from esb.service.loader import module_name_of
 
@@ -147,6 +149,7 @@ class Deployer:
             if current.name == name and current.content == text:
                 return None
         parsed = parse_unit(name, text, environ=self.environ)
+        self._check_watermarks(name, parsed)
         units = {u.name: u.content for u in self.odb.current(UNIT)}
         units.pop(name, None)
         merge_units([*sorted(units.items()), (name, text)], environ=self.environ)
@@ -205,12 +208,27 @@ class Deployer:
 
     def _deploy_unit(self, name: str, text: str) -> DeployOutcome:
         parsed = parse_unit(name, text, environ=self.environ)
+        self._check_watermarks(name, parsed)
         modules = {m.name: m.content for m in self.odb.current(MODULE)}
         units = {u.name: u.content for u in self.odb.current(UNIT)}
         units[name] = text
         self._check(modules, units, changed=None, changed_unit=name)
         version = self.odb.put(UNIT, name, text)
         return DeployOutcome(name, "definitions", name, version, _counts(parsed))
+
+    def _check_watermarks(self, unit: str, parsed: Mapping[str, list]) -> None:
+        """A notification whose stored watermark was stored for another query or other
+        columns (deployed before under the same name) is refused unless its ``on_change``
+        says what to do: going on from it would skip rows of the new query."""
+        notes = [note for note in parsed.get("notification.sql", []) if note.watermark]
+        if not notes:
+            return
+        states = NotificationStore(self.odb.engine).states()
+        for note in notes:
+            state = states.get(note.name)
+            problem = None if state is None else deploy_problem(note, state.watermark_of, state.watermark)
+            if problem is not None:
+                raise ConfigError(unit, f"notification.sql.{note.name}.{problem[0]}", problem[1])
 
     def _check(
         self,

@@ -1,15 +1,19 @@
 """One run of an SQL notification, in the worker that took its firing.
 
-Watermark mode reads a batch at a time with esb's own keyset query::
+Watermark mode reads a batch at a time with esb's own keyset query (``keyset``)::
 
     SELECT * FROM (<query>) AS esb_q WHERE (a, b) > (:a, :b) ORDER BY a, b LIMIT :n
 
 so no cursor stays open while the service runs, rows sharing a timestamp are neither
 skipped nor repeated, and the watermark (ODB) moves only past a batch whose service call
-succeeded. Plain mode streams the query's rows (``stream_results``) and hands them over in
-batches. A run reads at most ``max_rows``; a full page goes on with the next one while the
-run's time budget lasts. Delivery is at least once: a worker killed between a service
-call and the watermark's commit delivers that batch again.
+succeeded. A batch never ends inside a run of equal watermark values (the run goes whole
+into one call, or the run fails saying it cannot), rows with a NULL watermark value fail
+the run naming them, and a watermark stored for another query or other columns is gone on
+from only as the definition's ``on_change`` says. Plain mode streams the query's rows
+(``stream_results``) and hands them over in batches. A run reads at most ``max_rows``; a
+full page goes on with the next one while the run's time budget lasts. Delivery is at
+least once: a worker killed between a service call and the watermark's commit delivers
+that batch again.
 
 A run claims its notification at the start and checks that it still holds it before each
 service call; its writes are conditional on holding it (``store.Superseded``). So when a
@@ -32,8 +36,35 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from esb.bus import Keys, utc_now_iso
 from esb.config.definitions import SqlNotificationDef
-from esb.errors import BadInput, OdbUnavailable, ServiceFailed, ServiceNotFound, Unavailable
-from esb.notification.store import NotificationRun, NotificationStore, Superseded, row_key, shown_row
+from esb.errors import (
+    BadInput,
+    OdbUnavailable,
+    ServiceFailed,
+    ServiceNotFound,
+    Unavailable,
+    WatermarkProblem,
+)
+from esb.notification.keyset import (
+    NULL_SAMPLE,
+    group_problem,
+    group_query,
+    identity,
+    nulls_problem,
+    nulls_query,
+    on_stored,
+    refusal,
+    watermark_query,
+    wrapped,
+)
+from esb.notification.store import (
+    NotificationRun,
+    NotificationStore,
+    State,
+    Superseded,
+    jsonable,
+    row_key,
+    shown_row,
+)
 from esb.observe import metrics
 from esb.observe.retry import Retrying
 
@@ -78,32 +109,10 @@ def db_message(exc: BaseException) -> str:
     return message.strip().splitlines()[0][:500] if message.strip() else type(exc).__name__
 
 
-def watermark_query(definition: SqlNotificationDef, has_watermark: bool) -> str:
-    """The user's query wrapped with esb's ordering, keyset condition, lag and limit."""
-    columns = definition.watermark
-    conditions = []
-    if has_watermark:
-        if len(columns) == 1:
-            conditions.append(f"{columns[0]} > :esb_wm_0")
-        else:
-            marks = ", ".join(f":esb_wm_{i}" for i in range(len(columns)))
-            conditions.append(f"({', '.join(columns)}) > ({marks})")
-    if definition.lag_s > 0:
-        conditions.append(f"{columns[0]} <= :esb_lag_until")
-    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    order = ", ".join(columns)
-    return f"SELECT * FROM ({inner_query(definition)}) AS esb_q{where} ORDER BY {order} LIMIT :esb_limit"
-
-
-def inner_query(definition: SqlNotificationDef) -> str:
-    """The user's query as esb wraps it (no trailing semicolon)."""
-    return definition.query.strip().rstrip(";")
-
-
 def result_columns(connection: Any, definition: SqlNotificationDef) -> list[str]:
     """The names of the columns DEFINITION's query answers, asked of the database on
     CONNECTION without reading a row: ``esb check-config`` checks the watermark with them."""
-    statement = text(f"SELECT * FROM ({inner_query(definition)}) AS esb_q WHERE 1 = 0")
+    statement = text(f"{wrapped(definition)} WHERE 1 = 0")
     result = connection.execute(statement, dict(definition.params))
     try:
         return list(result.keys())
@@ -141,6 +150,7 @@ class NotificationRunner:
         self.pid = pid
         self._retrying: dict[str, Retrying] = {}
         self._db_errors: dict[str, str] = {}  # the database's last message, per notification
+        self._problems: dict[str, str] = {}  # the last WatermarkProblem, per notification
 
     # -- one run -------------------------------------------------------------------------
 
@@ -195,11 +205,13 @@ class NotificationRunner:
                 raise LookupError(f"no outconn.sql named {definition.outconn!r} on this worker")
             self._redeliver(definition, outconn, run_id, counts)
             if definition.watermark:
-                self._run_watermark(definition, outconn, run_id, state.watermark, counts)
+                watermark = self._starting_watermark(definition, run_id, state)
+                self._run_watermark(definition, outconn, run_id, watermark, counts)
             else:
                 self._run_plain(definition, outconn, run_id, counts)
             retrying.succeeded()
             self._db_errors.pop(name, None)
+            self._problems.pop(name, None)
         except BatchFailed as exc:
             outcome, error = "failed", str(exc)
             retrying.succeeded()  # the database answered; the service failed
@@ -209,6 +221,12 @@ class NotificationRunner:
             self._record(name, run_id, started_at, time.monotonic() - started, counts["rows"],
                          state.watermark_text, "superseded", str(exc))
             return None
+        except WatermarkProblem as exc:
+            outcome, error = "failed", str(exc)
+            retrying.succeeded()  # the database answered; its rows cannot be gone through
+            if self._problems.get(name) != error:  # logged once per change, not every run
+                logger.error("notification %s run %s failed: %s", name, run_id, error)
+            self._problems[name] = error
         except SQLAlchemyError as exc:
             outcome, error = "failed", db_message(exc)
             if self._db_errors.get(name) != error:
@@ -227,15 +245,39 @@ class NotificationRunner:
                      outcome, error)
         return None if outcome == "ok" else error
 
+    def _starting_watermark(self, definition: SqlNotificationDef, run_id: str,
+                            state: State) -> list[Any] | None:
+        """The watermark this run goes on from: the stored one when it is this definition's;
+        otherwise as ``on_change`` says (WatermarkProblem when nothing says)."""
+        name, stored = definition.name, state.watermark
+        if stored is not None and any(value is None for value in stored):
+            raise WatermarkProblem(
+                f"the stored watermark {jsonable(stored)} holds a NULL (an older esb stored it) and "
+                f"bounds no row: set it with 'esb notifications DIR reset {name} [--to VALUE]'")
+        action, change = on_stored(definition, state.watermark_of, stored)
+        if action == "same":
+            return stored
+        if action == "refuse":
+            raise WatermarkProblem(
+                f"{refusal(definition, change, stored)}. Set on_change = \"reset\" or \"keep\" and "
+                f"deploy again, or set it with 'esb notifications DIR reset {name} [--to VALUE]'")
+        self.store.rebase(name, run_id, identity(definition), reset=action == "reset")
+        if action == "adopt":
+            return stored
+        logger.warning("notification %s: %s; on_change = %s: %s", name, change, action,
+                       "starting from the first row" if action == "reset" else f"going on from {stored}")
+        return None if action == "reset" else stored
+
     def _run_watermark(self, definition: SqlNotificationDef, outconn: SqlOutconn, run_id: str,
                        watermark: list[Any] | None, counts: dict[str, int]) -> None:
         deadline = time.monotonic() + max(RUN_BUDGET_S, definition.interval_s)
         delivered_any = False
-        while True:
+        more = True
+        while more:
             page = 0
-            while page < definition.max_rows:
+            while more and page < definition.max_rows:
                 limit = min(definition.batch_size, definition.max_rows - page)
-                rows = self._read_keyset(definition, outconn, watermark, limit)
+                rows, more = self._next_batch(definition, outconn, watermark, limit)
                 if not rows:
                     break
                 last = [rows[-1][column] for column in definition.watermark]
@@ -244,29 +286,68 @@ class NotificationRunner:
                 watermark = last
                 page += len(rows)
                 counts["rows"] += len(rows)
-                if len(rows) < limit:
-                    break
-            if page < definition.max_rows or time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 break
         if not delivered_any and definition.call_when_empty:
             self._deliver(definition, outconn, run_id, [], after=None)
+        self._check_nulls(definition, outconn)
 
-    def _read_keyset(self, definition: SqlNotificationDef, outconn: SqlOutconn,
-                     watermark: list[Any] | None, limit: int) -> list[dict[str, Any]]:
+    def _next_batch(self, definition: SqlNotificationDef, outconn: SqlOutconn,
+                    watermark: list[Any] | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """The next batch past WATERMARK (at most LIMIT rows) and whether rows follow it.
+
+        One row more than LIMIT is read to see where the batch ends: never inside a run of
+        equal watermark values, since the watermark moves past the whole run. The batch
+        ends before the run; a run that fills the batch goes whole into it (at most
+        max_rows; more fail the run, WatermarkProblem)."""
         params = dict(definition.params)
         if watermark is not None:
             params |= {f"esb_wm_{i}": value for i, value in enumerate(watermark)}
         if definition.lag_s > 0:
             params["esb_lag_until"] = dt.datetime.now(UTC) - dt.timedelta(seconds=definition.lag_s)
-        params["esb_limit"] = limit
-        statement = text(watermark_query(definition, watermark is not None))
+        params["esb_limit"] = limit + 1
+        bound = 0 if watermark is None else len(watermark)
+        rows = self._read(definition, outconn, watermark_query(definition, bound, outconn.dialect), params)
+        if len(rows) <= limit:
+            return rows, False
+        columns = definition.watermark
+        following = [rows[limit][column] for column in columns]
+        rows = rows[:limit]
+        start = len(rows)
+        while start > 0 and [rows[start - 1][column] for column in columns] == following:
+            start -= 1
+        if start > 0:
+            return rows[:start], True
+        params = dict(definition.params) | {f"esb_wm_{i}": v for i, v in enumerate(following)}
+        params["esb_limit"] = definition.max_rows + 1
+        group = self._read(definition, outconn, group_query(definition, outconn.dialect), params)
+        if len(group) > definition.max_rows:
+            raise WatermarkProblem(group_problem(definition, following))
+        return group, True
+
+    @staticmethod
+    def _read(definition: SqlNotificationDef, outconn: SqlOutconn, statement: str,
+              params: dict[str, Any]) -> list[dict[str, Any]]:
         with outconn.connect() as conn:
-            result = conn.execute(statement, params)
+            result = conn.execute(text(statement), params)
             rows = [dict(row._mapping) for row in result]
         missing = missing_columns(definition, rows[0]) if rows else []
         if missing:
             raise LookupError(f"watermark column(s) {', '.join(missing)} missing from the query's result")
         return rows
+
+    @staticmethod
+    def _check_nulls(definition: SqlNotificationDef, outconn: SqlOutconn) -> None:
+        """Rows with a NULL in a watermark column are in no batch: a run that finds some
+        fails naming them, so that they are never left behind unseen."""
+        params = dict(definition.params)
+        with outconn.connect() as conn:
+            sample = [dict(row._mapping) for row in conn.execute(
+                text(nulls_query(definition, outconn.dialect)), params | {"esb_limit": NULL_SAMPLE})]
+            if not sample:
+                return
+            count = conn.execute(text(nulls_query(definition, outconn.dialect, count=True)), params).scalar()
+        raise WatermarkProblem(nulls_problem(definition, sample, int(count or len(sample))))
 
     def _run_plain(self, definition: SqlNotificationDef, outconn: SqlOutconn, run_id: str,
                    counts: dict[str, int]) -> None:

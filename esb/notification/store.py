@@ -1,8 +1,10 @@
 """What SQL notifications keep in the ODB; the one module that owns these three tables.
 
 - ``esb_notification_state``: per notification its watermark (the last delivered values of
-  its watermark columns), whether an operator paused it, how often the batch at its head
-  failed in a row (for ``max_attempts``), and the run that holds it (``run_id``);
+  its watermark columns, never NULL) with the identity of the definition it belongs to
+  (``watermark_of``: columns and query digest, see ``keyset.identity``), whether an
+  operator paused it, how often the batch at its head failed in a row (for
+  ``max_attempts``), and the run that holds it (``run_id``);
 - ``esb_notification_run``: one row per run (start, duration, rows, bound watermark,
   outcome, error, host, pid);
 - ``esb_notification_dead``: batches given up on after ``max_attempts``, with rows and error,
@@ -56,7 +58,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from esb.errors import OdbUnavailable
+from esb.errors import OdbUnavailable, WatermarkProblem
 
 UTC = dt.UTC
 RUNS_KEPT = 1000  # per notification; older run rows are deleted as new ones come
@@ -74,7 +76,10 @@ notification_state = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # The run that claimed it last: the only one whose writes take effect.
     Column("run_id", String(32), nullable=True),
+    Column("watermark_of", Text, nullable=True),
 )
+# Columns added after the first release: an older ODB gains them (ensure_schema).
+ADDED_STATE_COLUMNS = {"run_id": "VARCHAR(32)", "watermark_of": "TEXT"}
 
 notification_run = Table(
     "esb_notification_run",
@@ -203,12 +208,39 @@ def shown_values(text: str | None) -> list[Any] | None:
     return None if values is None else [jsonable(v) for v in values]
 
 
+def typed_like(values: list[Any], like: list[Any] | None) -> list[Any]:
+    """VALUES (from JSON) with the types of the stored watermark LIKE where it has one, so
+    that an operator's ``"2030-01-01T00:00:00"`` binds as the timestamp it replaces."""
+    if not like or len(like) != len(values):
+        return values
+    typed = []
+    for value, old in zip(values, like, strict=True):
+        if isinstance(old, dt.datetime):
+            value = dt.datetime.fromisoformat(str(value))
+        elif isinstance(old, dt.date):
+            value = dt.date.fromisoformat(str(value))
+        elif isinstance(old, decimal.Decimal):
+            value = decimal.Decimal(str(value))
+        elif isinstance(old, uuid.UUID):
+            value = uuid.UUID(str(value))
+        typed.append(value)
+    return typed
+
+
 def _past_head(watermark: list[Any] | None) -> dict[str, Any]:
     """The state's new values once the batch at the head is done with (delivered or given up)."""
     values: dict[str, Any] = {"attempts": 0}
     if watermark is not None:
+        if any(value is None for value in watermark):
+            # A NULL bounds nothing: every later run would read no row.
+            raise WatermarkProblem(f"a watermark with a NULL value is never stored: {jsonable(watermark)}")
         values["watermark"] = encode_values(watermark)
     return values
+
+
+def _columns_of(engine: Engine, table: str) -> list[dict[str, Any]]:
+    inspector = inspect(engine)
+    return inspector.get_columns(table) if inspector.has_table(table) else []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +249,11 @@ class State:
     watermark_text: str | None
     paused: bool
     attempts: int
+    watermark_of: str | None = None  # the identity of the definition it was stored for
+
+
+def _state(row: Any) -> State:
+    return State(decode_values(row.watermark), row.watermark, row.paused, row.attempts, row.watermark_of)
 
 
 class NotificationStore:
@@ -232,7 +269,7 @@ class NotificationStore:
         for attempt in range(2):
             try:
                 METADATA.create_all(self.engine)
-                self._add_run_id_column()
+                self._add_missing_columns()
                 self._add_dead_letter_columns()
                 break
             except SQLAlchemyError as exc:
@@ -241,13 +278,14 @@ class NotificationStore:
                     raise OdbUnavailable(f"cannot create the notification tables: {exc}") from exc
         self._has_schema = True
 
-    def _add_run_id_column(self) -> None:
-        """An ODB made before runs claimed notifications lacks the column: add it."""
+    def _add_missing_columns(self) -> None:
+        """An ODB made by an older esb lacks the later columns: add them."""
         table = notification_state.name
         columns = {c["name"] for c in inspect(self.engine).get_columns(table)}
-        if "run_id" not in columns:
-            with self.engine.begin() as conn:
-                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN run_id VARCHAR(32)"))
+        for column, sql_type in ADDED_STATE_COLUMNS.items():
+            if column not in columns:
+                with self.engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
 
     def _add_dead_letter_columns(self) -> None:
         """An ODB made before dead letters could be retried or dropped lacks their columns."""
@@ -280,17 +318,25 @@ class NotificationStore:
                 row = conn.execute(query).first()
                 if row is None:
                     return State(None, None, False, 0)
-                return State(decode_values(row.watermark), row.watermark, row.paused, row.attempts)
+                return _state(row)
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read notification {name}: {exc}") from exc
 
     def states(self) -> dict[str, State]:
         try:
             with self._connect() as conn:
-                return {
-                    row.name: State(decode_values(row.watermark), row.watermark, row.paused, row.attempts)
-                    for row in conn.execute(select(notification_state))
-                }
+                return {row.name: _state(row) for row in conn.execute(select(notification_state))}
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot read the notifications' state: {exc}") from exc
+
+    def stored_watermarks(self) -> dict[str, State]:
+        """Every notification's state, read without creating or changing a table (for
+        ``esb check-config``): empty when the ODB holds none, or none with an identity."""
+        try:
+            if "watermark_of" not in {c["name"] for c in _columns_of(self.engine, notification_state.name)}:
+                return {}
+            with self.engine.connect() as conn:
+                return {row.name: _state(row) for row in conn.execute(select(notification_state))}
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot read the notifications' state: {exc}") from exc
 
@@ -301,7 +347,7 @@ class NotificationStore:
             with self._connect() as conn, conn.begin():
                 self._write_row(conn, name, run_id=run_id)
                 row = conn.execute(select(notification_state).where(notification_state.c.name == name)).one()
-                return State(decode_values(row.watermark), row.watermark, row.paused, row.attempts)
+                return _state(row)
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot claim notification {name}: {exc}") from exc
 
@@ -333,6 +379,34 @@ class NotificationStore:
                 self._held(conn, name, run_id, **_past_head(watermark))
         except SQLAlchemyError as exc:
             raise OdbUnavailable(f"cannot write notification {name}'s state: {exc}") from exc
+
+    def rebase(self, name: str, run_id: str, identity: str, *, reset: bool) -> None:
+        """The stored watermark is RUN_ID's definition's from now on (IDENTITY); RESET: it
+        starts again from the first row. Superseded if RUN_ID no longer holds NAME."""
+        values: dict[str, Any] = {"watermark_of": identity}
+        if reset:
+            values |= {"watermark": None, "attempts": 0}
+        try:
+            with self._connect() as conn, conn.begin():
+                self._held(conn, name, run_id, **values)
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot write notification {name}'s state: {exc}") from exc
+
+    def reset(self, name: str, identity: str, watermark: list[Any] | None) -> State:
+        """An operator's reset: NAME goes on past WATERMARK (None: from the first row), as the
+        definition of IDENTITY's. A run in progress no longer holds NAME, so it commits
+        nothing more. Answers the state before."""
+        values = _past_head(watermark) | {"watermark_of": identity, "run_id": None}
+        if watermark is None:
+            values["watermark"] = None
+        try:
+            with self._connect() as conn, conn.begin():
+                where = notification_state.c.name == name
+                row = conn.execute(select(notification_state).where(where)).first()
+                self._write_row(conn, name, **values)
+                return State(None, None, False, 0) if row is None else _state(row)
+        except SQLAlchemyError as exc:
+            raise OdbUnavailable(f"cannot reset notification {name}'s watermark: {exc}") from exc
 
     def count_attempt(self, name: str, run_id: str) -> int:
         """The batch at the head is about to be offered once more; answers how often it

@@ -132,4 +132,4 @@ def test_check_config_asks_the_database_for_the_watermark_columns(esb_server, or
     unit.write_text(NOTIFICATION.format(url=orders_db, watermark='["id"]', suffix="cc") + "interval_s = 0\n")
     done = esb("check-config", directory)
     assert done.returncode == 2
-    assert "config/notes.toml: notification.sql[0].interval_s: must be positive" in done.stderr
+    assert "config/notes.toml: notification.sql[0].interval_s: must be at least 0.5 seconds" in done.stderr

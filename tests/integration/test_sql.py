@@ -652,8 +652,10 @@ def test_pause_resume_run_and_hot_deploys_that_pause_change_and_remove(
     assert esb("status", directory).returncode == 0  # a paused notification is not a problem
     feed.insert(range(11, 16), day)
     feed.insert(range(16, 18), day, body="skip")
-    # A hot deploy that changes the query (and activates it again).
-    changed = definition | {"query": f"SELECT id, updated_at, body FROM {feed.table} WHERE body <> 'skip'"}
+    # A hot deploy that changes the query (and activates it again), going on from the
+    # stored watermark by choice.
+    changed = definition | {"query": f"SELECT id, updated_at, body FROM {feed.table} WHERE body <> 'skip'",
+                            "on_change": "keep"}
     feed.deploy(server, [changed], with_module=False)
     wait_until(lambda: len(feed.delivered()) == 15, 30, message="rows of the changed query")
     assert sorted(feed.counts()) == list(range(1, 16))
@@ -791,3 +793,172 @@ def test_a_200000_row_backlog_drains_without_the_worker_growing(
     assert server.worker_pids() == [worker]
     assert int(redis_client.get(f"sqlnote:{name}:count")) == 200000
     assert peak - before < 30 * 1024, f"worker RSS grew by {(peak - before) / 1024:.1f} MB"
+
+
+# -- watermarks never skip a row silently -------------------------------------------------
+
+T0 = dt.datetime(2030, 1, 1)
+
+
+def allow_nulls(feed: Feed) -> None:
+    """The feed's table again, with ``updated_at`` nullable."""
+    with feed.engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE {feed.table}"))
+        conn.execute(text(f"CREATE TABLE {feed.table} (id INTEGER PRIMARY KEY, updated_at TIMESTAMP, "
+                          "body VARCHAR(100), done INTEGER DEFAULT 0)"))
+
+
+def insert_nulls(feed: Feed, ids: list[int]) -> None:
+    with feed.engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO {feed.table} (id, updated_at, body) VALUES (:id, NULL, 'x')"),
+                     [{"id": i} for i in ids])
+
+
+def try_deploy(server: Server, tmp_path: Path, url: str, notes: list[dict]) -> Any:
+    """``esb deploy`` of outconn "db" on URL and NOTES; the finished process, whatever it says."""
+    unit = tmp_path / "sqlnotes.toml"
+    unit.write_text(unit_text([{"name": "db", "url": url}], notes))
+    return server.deploy(unit)
+
+
+def failing_with(server: Server, name: str, *words: str) -> Callable[[], dict | None]:
+    def check() -> dict | None:
+        row = note_status(server, name)
+        error = row["last_error"] or ""
+        return row if row["consecutive_failures"] > 0 and all(w in error for w in words) else None
+
+    return check
+
+
+def test_null_watermark_values_at_a_batch_end_and_inside_are_named_in_status_then_delivered_once(
+    esb_server: Any, feed: Feed
+) -> None:
+    """A NULL sorts last on PostgreSQL (the first batch ends with it) and first on SQLite
+    (inside the batch); either way the other rows flow, the run fails naming the column
+    and the rows, the stored watermark holds no NULL, and once the rows have a value each
+    row has come exactly once."""
+    allow_nulls(feed)
+    feed.insert(range(1, 5), T0)
+    insert_nulls(feed, [5])
+    server = esb_server(workers=1)
+    feed.deploy(server, [feed.definition(batch_size=5)])
+    wait_until(lambda: set(feed.counts()) >= {1, 2, 3, 4}, 30, message="the first rows")
+    feed.insert(range(6, 9), T0 + dt.timedelta(seconds=1))
+    insert_nulls(feed, [9])
+    wait_until(lambda: set(feed.counts()) >= set(range(1, 9)) - {5}, 30,
+               message="the rows after a NULL delivered")
+    row = wait_until(failing_with(server, feed.name, "updated_at", "NULL", "2 rows", "id=5", "id=9"), 30,
+                     message="status naming the NULL rows")
+    assert row["last_outcome"] == "failed"
+    assert None not in (row["watermark"] or []), row["watermark"]
+    done = esb("status", str(server.directory))
+    assert done.returncode != 0
+    assert f"notification {feed.name} is failing" in done.stdout and "id=9" in done.stdout
+    with feed.engine.begin() as conn:
+        conn.execute(text(f"UPDATE {feed.table} SET updated_at = :u WHERE updated_at IS NULL"),
+                     {"u": T0 + dt.timedelta(seconds=2)})
+    wait_until(lambda: set(feed.counts()) == set(range(1, 10)), 30, message="the fixed rows delivered")
+    wait_until(lambda: feed.status(server)["consecutive_failures"] == 0, 30, message="recovered")
+    wait_until(lambda: esb("status", str(server.directory)).returncode == 0, 30, message="status healthy")
+    counts = feed.counts()
+    assert max(counts.values()) == 1, counts
+
+
+def test_equal_watermark_values_across_a_batch_boundary_skip_no_row(
+    esb_server: Any, pg_feed: Feed, sql_keys: list[str]
+) -> None:
+    """watermark = ["updated_at"] alone, 25 rows sharing one value, batches of 10: the group
+    comes whole (at most max_rows); a group larger than max_rows fails the run naming the
+    value and delivers nothing of it rather than a part."""
+    feed = pg_feed
+    feed.insert(range(1, 26), T0, body="ids")
+    feed.insert(range(26, 31), T0 + dt.timedelta(seconds=1), body="ids")
+    big = new_name(sql_keys, "g")
+    server = esb_server(workers=1)
+    feed.deploy(server, [feed.definition(watermark=["updated_at"], batch_size=10, max_rows=100),
+                         feed.definition(name=big, watermark=["updated_at"], batch_size=10, max_rows=20)])
+    wait_until(lambda: len(feed.delivered()) >= 30, 30, message="30 rows delivered")
+    runs = feed.status(server)["runs"]
+    wait_until(lambda: feed.status(server)["runs"] >= runs + 2, 30, message="two further runs")
+    counts = feed.counts()
+    assert sorted(counts) == list(range(1, 31)) and max(counts.values()) == 1, counts
+    row = wait_until(failing_with(server, big, "updated_at", "2030-01-01T00:00:00", "max_rows"), 30,
+                     message="the oversized group named")
+    assert feed.delivered(big) == []
+    done = esb("status", str(server.directory))
+    assert done.returncode != 0 and f"notification {big} is failing" in done.stdout, done.stdout
+    assert row["watermark"] is None
+
+
+def test_the_same_name_over_a_new_query_is_refused_at_deploy_or_reset_by_choice(
+    esb_server: Any, feeds: Callable[..., Feed], pg_url: str, tmp_path: Path
+) -> None:
+    old, new = feeds(pg_url), feeds(pg_url)
+    name = old.name
+    old.insert(range(1, 6), T0 + dt.timedelta(days=30))
+    server = esb_server(workers=1)
+    directory = str(server.directory)
+    old.deploy(server)
+    wait_until(lambda: len(old.delivered()) == 5, 30, message="the old query's rows")
+    old.deploy(server, [], with_module=False)  # undeployed
+    wait_until(lambda: all(n["name"] != name for n in server.status()["notifications"]), 30,
+               message="undeployed")
+    new.insert(range(1, 4), T0, body="ids")  # older than the old query's watermark
+    over_new = old.definition(query=f"SELECT id, updated_at, body FROM {new.table}")
+    done = try_deploy(server, tmp_path, pg_url, [over_new])
+    said = done.stdout + done.stderr
+    assert done.returncode != 0, said
+    assert f"notification.sql.{name}" in said and "another query" in said and "on_change" in said, said
+    # check-config says so of a file in config/ (esb start would refuse it alike).
+    config_unit = server.directory / "config" / "sqlnotes.toml"
+    config_unit.write_text(unit_text([{"name": "db", "url": pg_url}], [over_new]))
+    done = esb("check-config", directory)
+    config_unit.unlink()
+    assert done.returncode == 2 and f"notification.sql.{name}.query" in done.stderr, done.stderr
+    # Other watermark columns are refused alike.
+    done = try_deploy(server, tmp_path, pg_url, [over_new | {"watermark": ["id"]}])
+    assert done.returncode != 0 and "watermark columns" in done.stdout + done.stderr, done.stdout
+    # By an explicit choice the new query starts from its first row.
+    old.deploy(server, [over_new | {"on_change": "reset"}], with_module=False)
+    wait_until(lambda: len(old.delivered()) == 8, 30, message="the new query's rows")
+    assert [item["row"]["body"] for item in old.delivered()[5:]] == ["row 1", "row 2", "row 3"]
+    # An operator's reset, to a value given as JSON, says what it did.
+    done = esb("notifications", directory, "reset", name, "--to", json.dumps([T0.isoformat(), 1]))
+    assert done.returncode == 0, done.stderr
+    assert "reset" in done.stdout and "2030-01-01T00:00:00" in done.stdout, done.stdout
+    wait_until(lambda: len(old.delivered()) == 10, 30, message="rows after the reset value again")
+    assert [item["row"]["body"] for item in old.delivered()[8:]] == ["row 2", "row 3"]
+    # A value that does not match the columns is refused, and so is a notification without
+    # a watermark.
+    done = esb("notifications", directory, "reset", name, "--to", "[1]")
+    assert done.returncode != 0 and "2 values" in done.stderr, done.stderr
+    assert esb("notifications", directory, "reset", "no-such-notification").returncode != 0
+    assert feed_status_ok(server, name)
+    # A stored watermark that is not the running definition's (as a deploy refuses it, a
+    # run meets it only when the ODB was changed under it): without on_change the run
+    # fails saying so, and the operator's reset ends it.
+    old.deploy(server, [over_new], with_module=False)
+    wait_until(lambda: workers_on_the_odbs_generation(server), 30, message="workers on the new generation")
+    odb = create_engine(load_server_config(server.directory).odb_url)
+    with odb.begin() as conn:
+        conn.execute(text("UPDATE esb_notification_state SET watermark_of = :other WHERE name = :name"),
+                     {"other": json.dumps({"columns": ["updated_at"], "query": "0"}), "name": name})
+    odb.dispose()
+    wait_until(failing_with(server, name, "not this definition's", f"reset {name}"), 30,
+               message="the run refusing another definition's watermark")
+    done = esb("notifications", directory, "reset", name)
+    assert done.returncode == 0 and "from the first" in done.stdout, done.stdout
+    wait_until(lambda: len(old.delivered()) == 13, 30, message="every row again after the reset")
+    wait_until(lambda: old.status(server)["consecutive_failures"] == 0, 30, message="recovered")
+
+
+def workers_on_the_odbs_generation(server: Server) -> bool:
+    status = server.status()
+    live = [w for w in status["workers"] if w["alive"]]
+    return bool(live) and all(w["generation"] == status["deploy"]["generation"] for w in live)
+
+
+def feed_status_ok(server: Server, name: str) -> bool:
+    row = wait_until(lambda: (r := note_status(server, name))["runs"] and r, 30, message="a run")
+    return row["consecutive_failures"] == 0
+

@@ -3,40 +3,123 @@ watermark values that keep their type, row values made JSON-able, the engine opt
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import decimal
 import uuid
 
+from sqlalchemy.dialects import postgresql
+
 from esb.config import merge_units
 from esb.config.definitions import SqlNotificationDef, SqlOutconnDef
+from esb.config.sqltext import statement_text, wrapping_problem
 from esb.notification import NOTIFICATION_SERVICE, as_job, notification_jobs
-from esb.notification.runner import watermark_query
-from esb.notification.store import decode_values, encode_values, jsonable
+from esb.notification.keyset import (
+    deploy_problem,
+    group_query,
+    identity,
+    nulls_query,
+    on_stored,
+    watermark_query,
+)
+from esb.notification.store import decode_values, encode_values, jsonable, typed_like
 from esb.outgoing.sql import engine_options, mask_url
 
 
 def note(**kwargs) -> SqlNotificationDef:
-    return SqlNotificationDef(name="n", outconn="db", query="SELECT id, updated_at FROM t;",
-                              service="s", **kwargs)
+    return SqlNotificationDef(**{"name": "n", "outconn": "db", "query": "SELECT id, updated_at FROM t;",
+                                 "service": "s", **kwargs})
+
+
+PG = postgresql.dialect()
 
 
 def test_watermark_query_orders_and_binds_the_keyset():
     definition = note(watermark=("updated_at", "id"))
-    assert watermark_query(definition, has_watermark=False) == (
-        "SELECT * FROM (SELECT id, updated_at FROM t) AS esb_q ORDER BY updated_at, id LIMIT :esb_limit"
+    inner = "SELECT * FROM (\nSELECT id, updated_at FROM t\n) AS esb_q"
+    assert watermark_query(definition, 0, PG) == (
+        f"{inner} WHERE updated_at IS NOT NULL AND id IS NOT NULL ORDER BY updated_at, id LIMIT :esb_limit"
     )
-    assert watermark_query(definition, has_watermark=True) == (
-        "SELECT * FROM (SELECT id, updated_at FROM t) AS esb_q"
-        " WHERE (updated_at, id) > (:esb_wm_0, :esb_wm_1) ORDER BY updated_at, id LIMIT :esb_limit"
+    assert watermark_query(definition, 2, PG) == (
+        f"{inner} WHERE updated_at IS NOT NULL AND id IS NOT NULL"
+        " AND (updated_at, id) > (:esb_wm_0, :esb_wm_1) ORDER BY updated_at, id LIMIT :esb_limit"
     )
+    # A watermark kept from a definition with fewer columns bounds those only.
+    assert " AND updated_at > :esb_wm_0 ORDER BY" in watermark_query(definition, 1, PG)
 
 
 def test_watermark_query_with_one_column_and_a_lag():
     definition = note(watermark=("updated_at",), lag_s=5)
-    assert watermark_query(definition, has_watermark=True) == (
-        "SELECT * FROM (SELECT id, updated_at FROM t) AS esb_q"
-        " WHERE updated_at > :esb_wm_0 AND updated_at <= :esb_lag_until ORDER BY updated_at LIMIT :esb_limit"
+    assert watermark_query(definition, 1, PG) == (
+        "SELECT * FROM (\nSELECT id, updated_at FROM t\n) AS esb_q WHERE updated_at IS NOT NULL"
+        " AND updated_at > :esb_wm_0 AND updated_at <= :esb_lag_until ORDER BY updated_at LIMIT :esb_limit"
     )
+
+
+def test_watermark_columns_are_quoted_by_the_dialect_and_the_query_keeps_its_comments():
+    definition = note(query='SELECT id, "order", "Stamp" FROM t -- the shop\'s orders',
+                      watermark=("order", "Stamp"))
+    query = watermark_query(definition, 2, PG)
+    assert '("order", "Stamp") > (:esb_wm_0, :esb_wm_1) ORDER BY "order", "Stamp"' in query
+    assert query.startswith("SELECT * FROM (\nSELECT id, \"order\", \"Stamp\" FROM t -- the shop's orders\n)")
+    assert '"order" = :esb_wm_0 AND "Stamp" = :esb_wm_1' in group_query(definition, PG)
+    assert '"order" IS NULL OR "Stamp" IS NULL' in nulls_query(definition, PG)
+
+
+def test_the_keyset_query_runs_over_reserved_words_comments_and_a_final_semicolon(tmp_path):
+    """Against a real SQLite: what the unit strings above promise, the database accepts."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'q.db'}")
+    with engine.begin() as conn:
+        conn.execute(text('CREATE TABLE t (id INTEGER PRIMARY KEY, "order" INTEGER)'))
+        conn.execute(text('INSERT INTO t (id, "order") VALUES (1, 10), (2, 20), (3, NULL)'))
+    definition = note(query='SELECT id, "order" FROM t; -- ends here\n', watermark=("order", "id"))
+    with engine.connect() as conn:
+        rows = conn.execute(text(watermark_query(definition, 2, engine.dialect)),
+                            {"esb_wm_0": 10, "esb_wm_1": 1, "esb_limit": 5}).all()
+        assert [tuple(r) for r in rows] == [(2, 20)]
+        nulls = conn.execute(text(nulls_query(definition, engine.dialect)), {"esb_limit": 5}).all()
+        assert [r.id for r in nulls] == [3]
+        count = conn.execute(text(nulls_query(definition, engine.dialect, count=True))).scalar()
+        assert count == 1
+    engine.dispose()
+
+
+def test_statement_text_drops_a_final_semicolon_and_wrapping_problems_are_named():
+    assert statement_text("SELECT 1 ; -- done\n") == "SELECT 1"
+    assert statement_text("SELECT ';' -- x;") == "SELECT ';' -- x;"
+    assert wrapping_problem("SELECT a FROM t WHERE b = 'LIMIT 3' -- LIMIT 4\n") is None
+    assert wrapping_problem("SELECT a FROM t WHERE a IN (SELECT a FROM u LIMIT 1)") is None
+    assert wrapping_problem("SELECT $$ ) $$ AS x, \"LIMIT\" FROM t /* ) LIMIT */") is None
+    assert "LIMIT" in wrapping_problem("SELECT a FROM t ORDER BY a LIMIT 10")
+    assert "one statement" in wrapping_problem("SELECT 1; SELECT 2")
+    assert "closes no" in wrapping_problem("SELECT 1) AS x, (SELECT 2")
+    assert "never closed" in wrapping_problem("SELECT (1")
+
+
+def test_a_stored_watermark_is_gone_on_from_only_for_its_own_definition():
+    base = note(watermark=("updated_at", "id"))
+    stored = identity(base)
+    assert on_stored(base, stored, [1, 2]) == ("same", None)
+    assert on_stored(base, None, [1, 2])[0] == "adopt"  # stored by an esb that kept no identity
+    assert on_stored(note(query="SELECT 2", watermark=("updated_at", "id")), stored, None)[0] == "adopt"
+    assert identity(note(query="  SELECT id,\n updated_at FROM t ", watermark=("updated_at", "id"))) == stored
+    other_query = note(query="SELECT id, updated_at FROM u", watermark=("updated_at", "id"))
+    assert on_stored(other_query, stored, [1, 2]) == ("refuse", "it was stored for another query")
+    key, reason = deploy_problem(other_query, stored, [1, 2])
+    assert key == "query" and "on_change" in reason and "[1, 2]" in reason
+    reset = dataclasses.replace(other_query, on_change="reset")
+    assert on_stored(reset, stored, [1, 2])[0] == "reset" and deploy_problem(reset, stored, [1, 2]) is None
+    assert on_stored(dataclasses.replace(other_query, on_change="keep"), stored, [1, 2])[0] == "keep"
+    # Keeping needs the stored columns first among the new ones.
+    one = note(watermark=("updated_at",))
+    wider = note(watermark=("updated_at", "id"), on_change="keep")
+    assert on_stored(wider, identity(one), [5])[0] == "keep"
+    narrower = note(watermark=("updated_at",), on_change="keep")
+    action, change = on_stored(narrower, stored, [1, 2])
+    assert action == "refuse" and "watermark columns" in change
+    assert deploy_problem(narrower, stored, [1, 2])[0] == "watermark"
 
 
 def test_watermark_values_keep_their_type():
@@ -44,6 +127,11 @@ def test_watermark_values_keep_their_type():
               dt.date(2030, 1, 2), uuid.UUID(int=5)]
     assert decode_values(encode_values(values)) == values
     assert decode_values(None) is None
+    # An operator's --to values take the stored watermark's types.
+    stored = [dt.datetime(2030, 1, 1), 3, decimal.Decimal("1.5")]
+    assert typed_like(["2030-02-01T00:00:00", 4, "2.5"], stored) == [
+        dt.datetime(2030, 2, 1), 4, decimal.Decimal("2.5")]
+    assert typed_like(["x"], None) == ["x"]
 
 
 def test_row_values_become_json_able():
@@ -201,3 +289,47 @@ def test_driver_types_and_arrays_become_json_able():
     assert jsonable([decimal.Decimal("1.5"), None]) == ["1.5", None]
     assert jsonable({"at": dt.date(2030, 1, 2)}) == {"at": "2030-01-02"}
     assert jsonable(ipaddress.ip_address("10.0.0.1")) == "10.0.0.1"
+
+
+def test_a_reset_supersedes_the_running_run_and_a_null_is_never_stored(tmp_path):
+    """The operator's reset and a run's rebase, on an ODB made before watermarks carried
+    their definition (the column is added); advancing to a NULL is refused."""
+    import pytest
+    from sqlalchemy import create_engine, text
+
+    from esb.errors import WatermarkProblem
+    from esb.notification.store import NotificationStore, Superseded
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'odb.db'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE esb_notification_state (name VARCHAR(255) PRIMARY KEY, "
+                          "watermark TEXT, paused BOOLEAN, attempts INTEGER, updated_at DATETIME, "
+                          "run_id VARCHAR(32))"))
+    store = NotificationStore(engine)
+    assert store.claim("n", "r1").watermark_of is None
+    store.advance("n", [1, 2], "r1")
+    with pytest.raises(WatermarkProblem):
+        store.advance("n", [None, 3], "r1")
+    store.rebase("n", "r1", "id-a", reset=False)
+    assert store.state("n").watermark == [1, 2] and store.state("n").watermark_of == "id-a"
+    before = store.reset("n", "id-b", [5, 6])
+    assert before.watermark == [1, 2] and before.watermark_of == "id-a"
+    assert store.state("n").watermark == [5, 6] and store.state("n").watermark_of == "id-b"
+    with pytest.raises(Superseded):  # the run in progress commits nothing more
+        store.advance("n", [7, 8], "r1")
+    store.claim("n", "r2")
+    store.rebase("n", "r2", "id-c", reset=True)
+    assert store.state("n").watermark is None and store.state("n").watermark_of == "id-c"
+    assert store.reset("m", "id-m", None).watermark is None  # a name without a row yet
+    engine.dispose()
+
+
+def test_a_reset_value_must_match_the_watermark_columns():
+    from esb.cli.notifications import _watermark_value
+
+    assert _watermark_value('["2030-01-01T00:00:00", 4]', ("updated_at", "id")) == (
+        None, ["2030-01-01T00:00:00", 4])
+    assert _watermark_value("7", ("id",)) == (None, [7])
+    assert "needs 2 values" in _watermark_value("[1]", ("updated_at", "id"))[0]
+    assert "not JSON" in _watermark_value("[1,", ("id",))[0]
+    assert "NULL" in _watermark_value("[null]", ("id",))[0]
