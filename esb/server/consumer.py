@@ -78,8 +78,13 @@ class DispatchConsumer:
         run: RunMessage,
         record: RecordRun | None = None,
         redis_url: str,
+        counts_own_attempts: Callable[[DispatchMessage], bool] | None = None,
     ):
         self.client = client
+        # Messages whose runner counts attempts and dead-letters on its own (a notification
+        # with max_attempts): a reclaim runs them again past max_deliveries, so one fault
+        # leaves one dead letter, the runner's, and not a second one here.
+        self.counts_own_attempts = counts_own_attempts
         self.reader = reader
         self.keys = keys
         self.consumer_name = consumer_name
@@ -380,6 +385,14 @@ class DispatchConsumer:
                 self._missing_since.pop(name, None)
                 logger.info("dispatch consumer %s is gone and held nothing; removed from the group", name)
 
+    def _counts_own_attempts(self, fields: dict[str, str]) -> bool:
+        if self.counts_own_attempts is None:
+            return False
+        try:
+            return self.counts_own_attempts(DispatchMessage.from_fields(fields))
+        except (KeyError, ValueError):
+            return False  # malformed: dispatch's own count decides
+
     def _confirmed_dead(self, holders: list[dict], alive: list[int]) -> list[dict]:
         """The HOLDERS whose liveness key has been missing for at least two of their beats.
 
@@ -403,7 +416,7 @@ class DispatchConsumer:
 
     def _take_over(self, entry_id: str, fields: dict[str, str], deliveries: int, holder: str) -> None:
         """Run a reclaimed message again, or dead-letter it once its deliveries pass the limit."""
-        if deliveries <= self.settings.max_deliveries:
+        if deliveries <= self.settings.max_deliveries or self._counts_own_attempts(fields):
             logger.warning(
                 "reclaimed message %s for %s from consumer %s (delivery %d of %d)",
                 fields.get("id"),

@@ -139,6 +139,7 @@ class WorkerRuntime:
             run=self.run_dispatched,
             record=self.record_run,
             redis_url=config.redis_url,
+            counts_own_attempts=self.counts_own_attempts,
         )
         self._greenlets: list[gevent.Greenlet] = []
         self._odb_retrying = Retrying(logger, f"reload of worker {self.pid}", service="ODB")
@@ -414,6 +415,15 @@ class WorkerRuntime:
         return metrics.render()
 
     # -- dispatched work -----------------------------------------------------------------
+
+    def counts_own_attempts(self, message: DispatchMessage) -> bool:
+        """A notification's firing whose batches have max_attempts: the runner counts every
+        attempt, a killed worker's too, and dead-letters the batch itself."""
+        if message.service != NOTIFICATION_SERVICE:
+            return False
+        name = str((message.payload or {}).get("notification", ""))
+        definition = self.definitions.of("notification.sql").get(name)
+        return definition is not None and definition.max_attempts is not None
 
     def run_dispatched(self, message: DispatchMessage) -> str | None:
         """Run one stream message; a failing service is logged and counted, never retried.

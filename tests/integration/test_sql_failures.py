@@ -107,6 +107,20 @@ def test_a_batch_whose_service_kills_its_worker_is_dead_lettered_after_max_attem
     assert int(redis_client.get(f"notefail:{feed.name}:exits") or 0) == 2
 
 
+def test_a_killing_batch_is_owned_by_max_attempts_not_by_dispatch_max_deliveries(
+    esb_server: Any, make_feed: Any, redis_client: redis.Redis, cluster: str
+) -> None:
+    """max_attempts above [dispatch] max_deliveries: the batch is dead-lettered once, as the
+    notification's, and no firing lands in the dispatch dead-letter stream beside it."""
+    feed = make_feed()
+    feed.insert(range(1, 2), BASE, body="exit")
+    server = esb_server(workers=2, conf={("dispatch", "max_deliveries"): 1})
+    deploy_notes(server, feed, [feed.definition(service="notefail.exit", batch_size=1, max_attempts=2)])
+    wait_until(lambda: dead_letters(server, feed.name), 90, message="the killing batch dead-lettered")
+    assert int(redis_client.get(f"notefail:{feed.name}:exits") or 0) == 2
+    assert redis_client.xlen(Keys(cluster).dead_letters) == 0
+
+
 def test_plain_mode_dead_letters_a_batch_once_and_failed_retry_drop_handle_it(
     esb_server: Any, make_feed: Any, redis_client: redis.Redis
 ) -> None:
