@@ -179,6 +179,27 @@ def test_failing_message_is_delayed_then_dead_lettered_with_its_error(
         amqp_broker.exchange_delete(dlx)
 
 
+def test_a_message_past_max_deliveries_without_a_dead_letter_exchange_stays_in_its_queue(
+    esb_server: Any, tmp_path: Path, amqp_broker: amqp.Channel, amqp_queue: str, records: redis.Redis
+) -> None:
+    """With nowhere to dead-letter it, a failing message is kept in its queue, not run again,
+    and status names the channel; the messages behind it flow."""
+    name = f"c-{amqp_queue}"
+    server = esb_server(workers=1)
+    deploy_channel(server, tmp_path, {"name": name, "queue": amqp_queue, "max_deliveries": 2,
+                                      "retry_delay_s": 0.5})
+    wait_until(lambda: consumers(amqp_broker, amqp_queue) == 1, timeout_s=60, message="consumer up")
+    publish(amqp_broker, amqp_queue, [{"i": 0, "fail": True}] + [{"i": i} for i in range(1, 11)])
+    wait_until(lambda: all(counts(records, amqp_queue).get(i) == 1 for i in range(1, 11)), timeout_s=60,
+               message="the messages behind it handled")
+    wait_until(lambda: any(name in p and "no dead_letter_exchange" in p for p in server.status()["problems"]),
+               timeout_s=30, message="status names the channel that keeps the message")
+    # Held, then back in its queue: it is never dropped, and never runs past max_deliveries.
+    wait_until(lambda: queue_depth(amqp_broker, amqp_queue) + unacknowledged(amqp_queue) == 1, timeout_s=30,
+               message="the message kept")
+    assert counts(records, amqp_queue)[0] == 2, counts(records, amqp_queue)
+
+
 def test_status_fails_while_a_channel_has_no_consumer(
     esb_server: Any, tmp_path: Path, amqp_broker: amqp.Channel, amqp_queue: str
 ) -> None:

@@ -357,19 +357,19 @@ class AmqpChannel:
         self, message: amqp.Message, headers: Mapping[str, Any], deliveries: int, error: str, cid: str
     ) -> str | None:
         """Publish the message to the dead-letter exchange; answer None once the broker
-        took it (or there is no exchange to take it), else why it could not."""
+        took it, else why it could not (the caller keeps the message in its queue)."""
         d = self.definition
         message_id, props = self._copy_properties(message)
         if d.dead_letter_exchange is None:
-            logger.error(
-                "channel.amqp %s: message %s failed %d times (%s); no dead_letter_exchange, dropped",
-                d.name,
-                message_id,
-                deliveries,
-                error,
-                extra={"cid": cid},
+            # Nowhere to put it but its own queue: kept there, not run again, and named in
+            # status until an operator sets a dead_letter_exchange or removes the message.
+            problem = (
+                f"message {message_id} failed {deliveries} times ({error}) and the channel has no "
+                f"dead_letter_exchange; it stays in queue {d.queue}, not run again"
             )
-            return None
+            self.stats.dead_letter_problem = (problem, time.monotonic())
+            logger.error("channel.amqp %s: %s", d.name, problem, extra={"cid": cid})
+            return problem
         try:
             self.publisher.send(
                 message.body,
