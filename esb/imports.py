@@ -3,7 +3,7 @@ of ``redis.asyncio``, which no esb process uses.
 
 redis-py 8's ``redis/__init__.py`` imports ``redis.asyncio``, and that package's
 ``__init__`` imports the asyncio client, cluster, sentinel and connection modules: 1.2 MB
-of RSS in the arbiter, in each worker and in the scheduler (issue 12), for clients esb
+of RSS in the arbiter, in each worker and in the scheduler (memory each process keeps), for clients esb
 never makes (its clients are redis-py's blocking ones, under gevent in the workers). The
 package itself must exist: ``redis.commands.core`` imports
 ``redis.asyncio.observability.recorder``.

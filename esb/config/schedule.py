@@ -100,7 +100,7 @@ def make_trigger(job: JobDef, defined_at: dt.datetime) -> BaseTrigger:
     if job.type == "interval":
         if job.interval_s <= 0:
             raise ValueError("an interval job needs weeks, days, hours, minutes or seconds")
-        # ARCHITECTURE.md: the first run is one interval after the job is defined.
+        # The documented default: the first run is one interval after the job is defined.
         first = start or defined_at + dt.timedelta(seconds=job.interval_s)
         return IntervalTrigger(
             seconds=job.interval_s, start_date=first, end_date=end, timezone=timezone

@@ -48,7 +48,7 @@ LAST_GOOD = "last_good"
 
 # PERF(esb): SQLAlchemy Core tables, not ORM classes. Every process that reads the ODB
 # (arbiter, workers, scheduler, deploy processes) imported sqlalchemy.orm for these four
-# tables alone: 5.6 MB of RSS each, about 22 MB of an idle 2-worker server (issue 12).
+# tables alone: 5.6 MB of RSS each, about 22 MB of an idle 2-worker server (memory an idle server keeps).
 # The DDL is the one the ORM classes made (tests/unit/test_odb_schema.py).
 METADATA = MetaData()
 

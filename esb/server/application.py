@@ -95,7 +95,7 @@ def preload_worker_modules() -> None:
     The workers then share those pages copy-on-write instead of each holding its own copy
     (falcon, SQLAlchemy Core, redis-py, gevent, esb's runtime: about 25 MB of a worker's
     58), and do not each spend the import time at boot. Imports only: nothing in them opens a
-    socket, starts a thread or greenlet, or gets a gevent hub at import (STYLE.md 2.2);
+    socket, starts a thread or greenlet, or gets a gevent hub at import;
     gunicorn's gevent worker patches the standard library after the fork as before, and
     those modules look socket, threading and time up when called. This is not gunicorn's
     ``preload_app``: the app and its runtime are still built in each worker, after fork.

@@ -1,4 +1,4 @@
-"""User code on the dispatch path never chooses a worker's fate (issue 8): services that
+"""User code on the dispatch path never chooses a worker's fate: services that
 raise SystemExit or KeyboardInterrupt are failed runs, a service that kills its worker ends
 in the dead-letter stream after max_deliveries, a busy worker keeps its messages, and
 invoke_async of a service deployed nowhere fails at once."""

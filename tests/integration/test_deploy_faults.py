@@ -1,6 +1,6 @@
 """A deploy that says "deployed" is live everywhere; one that would not be is refused.
 
-Each test is named after a fault an operator hit (issue 9). After every refusal, every
+Each test is named after a fault an operator hit. After every refusal, every
 worker, including one started after ``kill -9`` of another, serves exactly the last good
 generation: all channels answer as before.
 """

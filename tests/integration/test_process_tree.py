@@ -1,4 +1,4 @@
-"""The process tree of a server (issue 12): the pickup watcher is a thread of the launcher,
+"""The process tree of a server: the pickup watcher is a thread of the launcher,
 exactly one per server, and `esb stop` leaves no process behind."""
 
 from __future__ import annotations

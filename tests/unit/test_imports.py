@@ -1,5 +1,5 @@
 """``esb.imports.defer_redis_asyncio``: the body of ``redis.asyncio`` waits for its first
-use, and whoever uses it gets the real module (issue 12)."""
+use, and whoever uses it gets the real module."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The launcher (``esb start --fg``, which lives as long as the server) imports neither the
 web stack nor the scheduler's, nor the deploy stack it hands to ``esb.deploy.apply``
-processes: what it imports it holds for the server's whole life (issue 12)."""
+processes: what it imports it holds for the server's whole life (memory an idle server keeps)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 A worker neither imports APScheduler nor the scheduler package: the scheduler is a
 process of its own, and a worker reads job definitions without building triggers. No
 process of an idle server imports SQLAlchemy's ORM: the ODB's tables are Core tables
-(5.6 MB of RSS in each of the arbiter, the workers and the scheduler; issue 12); only a
+(5.6 MB of RSS in each of the arbiter, the workers and the scheduler); only a
 service's ``out.sql[name].session()`` loads it. kombu and py-amqp load only with an
 ``[[outconn.amqp]]`` or ``[[channel.amqp]]`` (0.8 MB in the arbiter and each worker),
 and the body of ``redis.asyncio`` never runs in the arbiter, a worker or the scheduler.

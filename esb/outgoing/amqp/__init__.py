@@ -3,7 +3,7 @@ tables of pools and ``[[channel.amqp]]`` consumers.
 
 kombu and py-amqp are imported by ``esb.outgoing.amqp.pool`` and ``.consumer`` only, and
 this module imports those when a definition needs them: a worker of a server without
-AMQP definitions does not hold them (issue 12; ``tests/unit/test_worker_imports.py``).
+AMQP definitions does not hold them (``tests/unit/test_worker_imports.py``).
 """
 
 from __future__ import annotations
